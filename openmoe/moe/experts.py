@@ -1,0 +1,101 @@
+"""Experts: stacked weights and the backends that run them over expert-contiguous tokens.
+
+OpenMoE's expert is the three-way gated MLP of the reference (section 2):
+    a, b = split(x @ wi_gate, 2);  y = (a * silu(b) * (x @ wi_up)) @ wo
+with wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (the T5X / ColossalAI layout, used as
+x @ W[e] with no transpose, so checkpoints load as they are).
+
+Backends get tokens already sorted by expert plus the count per expert:
+  eager       a plain loop over experts: the reference, and the path for any dtype/device.
+  grouped_mm  torch.nn.functional.grouped_mm (or torch._grouped_mm): one kernel per projection.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gated_mlp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The OpenMoE gate: x @ W_gate is 2I wide; first half times silu(second half) times up."""
+    a, b = gate.chunk(2, dim=-1)
+    return a * F.silu(b) * up
+
+
+def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
+    # grouped_mm's CPU backward rejects expanded (stride-0) gradients, e.g. from .sum().
+    if t.requires_grad:
+        t.register_hook(lambda g: g.contiguous())
+    return t
+
+
+def _grouped_mm_fn() -> Callable | None:
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm(x_NH: torch.Tensor, w_EHO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    fn = _grouped_mm_fn()
+    # grouped_mm is not autocast-aware: run in the weights' dtype, like HF's integration.
+    return _contiguous_grad(fn(x_NH.to(w_EHO.dtype), w_EHO, offs=offs_E))
+
+
+def experts_grouped_mm(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    h = gated_mlp(grouped_mm(x_NH, experts.wi_gate, offs), grouped_mm(x_NH, experts.wi_up, offs))
+    return grouped_mm(h, experts.wo, offs)
+
+
+def experts_eager(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):  # one host sync for the whole loop
+        if n == 0:
+            continue
+        xe = x_NH[start:start + n].to(experts.wi_gate.dtype)
+        h = gated_mlp(xe @ experts.wi_gate[e], xe @ experts.wi_up[e])
+        outs.append(h @ experts.wo[e])
+        start += n
+    if not outs:
+        return x_NH.new_zeros(0, experts.wo.shape[-1], dtype=experts.wo.dtype)
+    return torch.cat(outs)
+
+
+EXPERT_BACKENDS: dict[str, Callable] = {"eager": experts_eager, "grouped_mm": experts_grouped_mm}
+
+
+def register_expert_backend(name: str, fn: Callable) -> None:
+    """Add a backend: fn(experts_module, x_NH sorted by expert, counts_E) -> y_NH."""
+    EXPERT_BACKENDS[name] = fn
+
+
+def grouped_mm_available(device: torch.device) -> bool:
+    if _grouped_mm_fn() is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) >= (8, 0)
+    return device.type == "cpu"
+
+
+class OpenMoeExperts(nn.Module):
+    """E gated MLPs as stacked weights. forward(x sorted by expert, tokens per expert)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 implementation: str = "grouped_mm"):
+        super().__init__()
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.num_experts = E
+        self.wi_gate = nn.Parameter(torch.empty(E, H, 2 * I))
+        self.wi_up = nn.Parameter(torch.empty(E, H, I))
+        self.wo = nn.Parameter(torch.empty(E, I, H))
+        self.implementation = implementation
+
+    def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        name = self.implementation
+        if name not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown experts implementation {name!r}; have {sorted(EXPERT_BACKENDS)}")
+        if name == "grouped_mm" and not grouped_mm_available(x_NH.device):
+            # Same numerics, different kernel: the loop is the reference implementation.
+            name = "eager"
+        return EXPERT_BACKENDS[name](self, x_NH, counts_E)

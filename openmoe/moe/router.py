@@ -1,0 +1,236 @@
+"""Routing: router logits -> top-k choices -> capacity policy -> which assignments survive.
+
+Everything here is float32 and works on plain tensors; no expert weights are touched.
+Shapes: T tokens (flattened in (batch, position) order), E experts, K = top-k, G groups.
+
+Capacity policies, each named after where its numerics come from:
+  t5x        the Jax original (flaxformer moe_layers.py / routing.py) that trained the weights:
+             at least E groups of consecutive tokens, capacity max(round(cf * T_g / E), min).
+  colossalai ColossalAI's PyTorch port: one group, capacity max(even(floor(k * cf * T / E)), min).
+  dropless   every assignment is kept.
+Priority inside a group is the same for all: every top-1 assignment in token order, then every
+top-2, ...; the first C arrivals at an expert win (a dropped assignment still took its turn).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Routing:
+    """The router's decision for T tokens. All tensors are on the logits' device."""
+
+    expert_TK: torch.Tensor  # long, chosen expert per token and choice (choice 0 = top-1)
+    weight_TK: torch.Tensor  # float32 combine weight (the router probability, 0 if dropped)
+    keep_TK: torch.Tensor  # bool, the assignment survived capacity (and the token is real)
+    logits_TE: torch.Tensor  # float32 router logits
+    probs_TE: torch.Tensor  # float32 softmax over all experts
+    group_T: torch.Tensor  # long, routing group of each token
+    num_groups: int
+    capacity: int | None  # per expert per group; None for dropless
+    aux_loss: torch.Tensor  # load-balance loss (Switch form, per group, averaged)
+    z_loss: torch.Tensor  # router z-loss: mean(logsumexp(logits)^2)
+
+    def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
+        """Kept assignments per expert, shape [E]."""
+        return torch.bincount(self.expert_TK[self.keep_TK], minlength=num_experts)
+
+
+@dataclass(frozen=True)
+class CapacityPolicy:
+    """How many assignments each expert takes. `name` is one of t5x, colossalai, dropless."""
+
+    name: str = "t5x"
+    capacity_factor_train: float = 1.25
+    capacity_factor_eval: float = 2.0
+    min_capacity: int = 4
+    max_group_size: int = 4096  # t5x only
+
+    @classmethod
+    def from_config(cls, config) -> "CapacityPolicy":
+        return cls(
+            name=config.capacity_policy,
+            capacity_factor_train=config.capacity_factor_train,
+            capacity_factor_eval=config.capacity_factor_eval,
+            min_capacity=config.min_capacity,
+            max_group_size=config.router_group_size,
+        )
+
+    def factor(self, training: bool) -> float:
+        return self.capacity_factor_train if training else self.capacity_factor_eval
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules of the individual policies (pure integer arithmetic, each with hand-worked tests)
+
+
+def t5x_num_groups(num_tokens: int, max_group_size: int, num_experts: int, replicas: int = 1) -> int:
+    """flaxformer `_num_groups`: the smallest n >= max(T // max_group_size, E * replicas) such that
+    n divides T and E * replicas divides n."""
+    step = num_experts * replicas
+    n = max(num_tokens // max_group_size, step)
+    while n < num_tokens and not (num_tokens % n == 0 and n % step == 0):
+        n += 1
+    if num_tokens % n:
+        raise ValueError(f"t5x routing: cannot split {num_tokens} tokens into groups for {num_experts} experts")
+    return n
+
+
+def t5x_capacity(tokens_per_group: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    # Python's round(): half to even, exactly as the Jax code (int(round(...))).
+    return max(int(round(capacity_factor * tokens_per_group / num_experts)), min_capacity)
+
+
+def colossalai_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float,
+                        min_capacity: int) -> int:
+    # ColossalAI MoeRouter.get_capacity: floor, then up to an even number, then the minimum.
+    capacity = math.floor(top_k * capacity_factor * num_tokens / num_experts)
+    capacity += capacity % 2
+    return max(capacity, min_capacity)
+
+
+def t5x_padding(batch: int, seq: int, num_experts: int) -> tuple[int, int]:
+    """Zero tokens the Jax code appends when B*S is not a multiple of E: (extra rows, extra
+    positions); only one of the two is non-zero, whichever adds fewer tokens (rows on a tie)."""
+    if (batch * seq) % num_experts == 0:
+        return 0, 0
+    rows = next(r for r in range(1, num_experts + 1) if ((batch + r) * seq) % num_experts == 0)
+    cols = next(c for c in range(1, num_experts + 1) if (batch * (seq + c)) % num_experts == 0)
+    return (rows, 0) if rows * seq <= batch * cols else (0, cols)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def top_k_experts(probs_TE: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k by repeated argmax: ties go to the lower expert index (torch.topk does not promise
+    that), and top-2 is 'argmax over the rest', as in the Jax code."""
+    masked = probs_TE.clone()
+    picks = []
+    for _ in range(k):
+        idx = masked.argmax(dim=-1)
+        picks.append(idx)
+        masked.scatter_(-1, idx.unsqueeze(-1), float("-inf"))
+    return torch.stack(picks, dim=-1)
+
+
+def queue_positions(expert_TK: torch.Tensor, group_T: torch.Tensor, active_TK: torch.Tensor,
+                    num_experts: int, num_groups: int) -> torch.Tensor:
+    """Place of each assignment in its (group, expert) queue, with priority (choice, token).
+
+    One sort of unique int64 keys; no [T, E, C] tensor. Inactive assignments get -1.
+    """
+    T, K = expert_TK.shape
+    device = expert_TK.device
+    token_T = torch.arange(T, device=device)
+    choice_K = torch.arange(K, device=device)
+    segment_TK = group_T[:, None] * num_experts + expert_TK  # which queue
+    segment_TK = torch.where(active_TK, segment_TK, num_groups * num_experts)  # inactive: own queue
+    key_TK = (segment_TK * K + choice_K[None, :]) * T + token_T[:, None]
+    order = torch.argsort(key_TK.reshape(-1))
+    seg_sorted = segment_TK.reshape(-1)[order]
+    counts = torch.bincount(seg_sorted, minlength=num_groups * num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    pos_sorted = torch.arange(order.numel(), device=device) - starts[seg_sorted]
+    pos = torch.empty_like(pos_sorted)
+    pos[order] = pos_sorted
+    return torch.where(active_TK, pos.view(T, K), -1)
+
+
+def load_balance_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, group_T: torch.Tensor,
+                      weight_T: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Switch/flaxformer form: E^2 * mean over (group, expert) of f * P, where f is the fraction of
+    the group's tokens that chose e among their top-k (before capacity) and P the mean router
+    probability of e. weight_T (0/1) drops padded tokens from both means."""
+    T, E = probs_TE.shape
+    chose_TE = torch.zeros_like(probs_TE).scatter_(1, expert_TK, 1.0) * weight_T[:, None]
+    count_G = torch.zeros(num_groups, device=probs_TE.device).index_add_(0, group_T, weight_T)
+    f_GE = torch.zeros(num_groups, E, device=probs_TE.device).index_add_(0, group_T, chose_TE)
+    p_GE = torch.zeros(num_groups, E, device=probs_TE.device).index_add_(
+        0, group_T, probs_TE * weight_T[:, None])
+    denom_G = count_G.clamp_min(1.0)[:, None]
+    valid_G = (count_G > 0).float()
+    per_group = (f_GE / denom_G * p_GE / denom_G).mean(dim=1)
+    return (per_group * valid_G).sum() / valid_G.sum().clamp_min(1.0) * E * E
+
+
+def route(
+    logits_BSE: torch.Tensor,
+    top_k: int,
+    policy: CapacityPolicy,
+    training: bool,
+    token_mask_BS: torch.Tensor | None = None,
+    norm_topk_prob: bool = False,
+) -> Routing:
+    """Route a [B, S, E] block of router logits (float32). token_mask 0 marks padding: such tokens
+    take no expert slot and no part in the losses; their weights are 0."""
+    logits_BSE = logits_BSE.float()
+    B, S, E = logits_BSE.shape
+    mask_BS = (torch.ones(B, S, dtype=torch.bool, device=logits_BSE.device)
+               if token_mask_BS is None else token_mask_BS.bool())
+    real_BS = torch.ones_like(mask_BS)  # False for the zero tokens t5x appends
+
+    if policy.name == "t5x":
+        # The Jax code appends zero vectors (router logits exactly 0) so E divides the token
+        # count; they route to experts 0 and 1 and can take the last slots. Removed at the end.
+        rows, cols = t5x_padding(B, S, E)
+        if rows or cols:
+            logits_BSE = torch.nn.functional.pad(logits_BSE, (0, 0, 0, cols, 0, rows))
+            mask_BS = torch.nn.functional.pad(mask_BS, (0, cols, 0, rows), value=True)
+            real_BS = torch.nn.functional.pad(real_BS, (0, cols, 0, rows), value=False)
+    Bp, Sp = mask_BS.shape
+    T = Bp * Sp
+    logits_TE = logits_BSE.reshape(T, E)
+    mask_T = mask_BS.reshape(T)
+    real_T = real_BS.reshape(T)
+
+    probs_TE = torch.softmax(logits_TE, dim=-1)
+    expert_TK = top_k_experts(probs_TE, top_k)
+    weight_TK = probs_TE.gather(1, expert_TK)
+    if norm_topk_prob:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+
+    if policy.name == "t5x":
+        num_groups = t5x_num_groups(T, policy.max_group_size, E)
+        capacity = t5x_capacity(T // num_groups, E, policy.factor(training), policy.min_capacity)
+        group_T = torch.arange(T, device=logits_TE.device) // (T // num_groups)
+    elif policy.name == "colossalai":
+        num_groups = 1
+        capacity = colossalai_capacity(T, E, top_k, policy.factor(training), policy.min_capacity)
+        group_T = torch.zeros(T, dtype=torch.long, device=logits_TE.device)
+    elif policy.name == "dropless":
+        num_groups, capacity = 1, None
+        group_T = torch.zeros(T, dtype=torch.long, device=logits_TE.device)
+    else:
+        raise ValueError(f"capacity policy {policy.name!r}: choose t5x, colossalai or dropless")
+
+    active_TK = mask_T[:, None].expand(T, top_k)
+    if capacity is None:
+        keep_TK = active_TK.clone()
+    else:
+        pos_TK = queue_positions(expert_TK, group_T, active_TK, E, num_groups)
+        keep_TK = active_TK & (pos_TK < capacity)
+
+    # Losses see every routed token of the group, the t5x zero tokens included (as in Jax),
+    # but not tokens masked as padding.
+    w_T = mask_T.float()
+    aux = load_balance_loss(probs_TE, expert_TK, group_T, w_T, num_groups)
+    z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
+
+    keep_TK = keep_TK[real_T]
+    return Routing(
+        expert_TK=expert_TK[real_T],
+        weight_TK=weight_TK[real_T] * keep_TK,
+        keep_TK=keep_TK,
+        logits_TE=logits_TE[real_T],
+        probs_TE=probs_TE[real_T],
+        group_T=group_T[real_T],
+        num_groups=num_groups,
+        capacity=capacity,
+        aux_loss=aux,
+        z_loss=z,
+    )
