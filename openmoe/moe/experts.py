@@ -70,12 +70,18 @@ def register_expert_backend(name: str, fn: Callable) -> None:
     EXPERT_BACKENDS[name] = fn
 
 
-def grouped_mm_available(device: torch.device) -> bool:
+def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """The kernel exists for this device, and every operand's rows are 16-byte aligned (its
+    requirement: hidden and intermediate sizes that are multiples of 8 for bf16, 4 for fp32)."""
     if _grouped_mm_fn() is None:
         return False
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) >= (8, 0)
-    return device.type == "cpu"
+    if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
+        return False
+    if x.device.type not in ("cpu", "cuda"):
+        return False
+    size = weights[0].element_size()
+    dims = [x.shape[-1]] + [d for w in weights for d in w.shape[-2:]]
+    return all(d * size % 16 == 0 for d in dims)
 
 
 class OpenMoeExperts(nn.Module):
@@ -95,7 +101,7 @@ class OpenMoeExperts(nn.Module):
         name = self.implementation
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts implementation {name!r}; have {sorted(EXPERT_BACKENDS)}")
-        if name == "grouped_mm" and not grouped_mm_available(x_NH.device):
-            # Same numerics, different kernel: the loop is the reference implementation.
+        if name == "grouped_mm" and not grouped_mm_available(x_NH, self.wi_gate, self.wi_up, self.wo):
+            # Same math, another kernel: the loop is the reference implementation.
             name = "eager"
         return EXPERT_BACKENDS[name](self, x_NH, counts_E)
