@@ -49,13 +49,15 @@ def experts_grouped_mm(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: 
 
 
 def experts_eager(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    # unbind once: indexing W[e] per expert would make backward allocate a full [E, ...]
+    # gradient for every expert.
+    wg, wu, wo = experts.wi_gate.unbind(0), experts.wi_up.unbind(0), experts.wo.unbind(0)
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):  # one host sync for the whole loop
         if n == 0:
             continue
-        xe = x_NH[start:start + n].to(experts.wi_gate.dtype)
-        h = gated_mlp(xe @ experts.wi_gate[e], xe @ experts.wi_up[e])
-        outs.append(h @ experts.wo[e])
+        xe = x_NH[start:start + n].to(wg[e].dtype)
+        outs.append(gated_mlp(xe @ wg[e], xe @ wu[e]) @ wo[e])
         start += n
     if not outs:
         return x_NH.new_zeros(0, experts.wo.shape[-1], dtype=experts.wo.dtype)
