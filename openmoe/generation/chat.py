@@ -1,0 +1,58 @@
+"""OpenMoE chat format and prompt handling (openmoe-reference.md, section 6).
+
+Chat prompt: `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n<s>[INST] {query} [/INST]`, where `<s>` is plain
+text for the umT5 tokenizer. Later turns follow Llama-2: ` {answer}</s><s>[INST] {query} [/INST]`.
+The chat model often spells `</s>` as text instead of emitting eos: generation stops on both.
+Every sequence starts with id 0 (pad doubles as BOS), which the umT5 tokenizer does not add.
+"""
+
+from __future__ import annotations
+
+import torch
+
+STOP_TEXT = "</s>"
+
+CHAT_TEMPLATE = (
+    # Literal text lives inside {{ }} so the whitespace control of the tags cannot eat it.
+    "{%- set msgs = messages -%}"
+    "{%- if msgs and msgs[0]['role'] == 'system' -%}"
+    "{{ '<<SYS>>\\n' + msgs[0]['content'] + '\\n<</SYS>>\\n\\n' }}"
+    "{%- set msgs = msgs[1:] -%}"
+    "{%- endif -%}"
+    "{%- for m in msgs -%}"
+    "{%- if m['role'] == 'user' -%}{{ '<s>[INST] ' + m['content'] + ' [/INST]' }}"
+    "{%- elif m['role'] == 'assistant' -%}{{ ' ' + m['content'] + '</s>' }}"
+    "{%- else -%}{{ raise_exception('unknown role ' + m['role']) }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+
+
+def ensure_chat_template(tokenizer) -> None:
+    """Give the tokenizer OpenMoE's chat template unless it already has one."""
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHAT_TEMPLATE
+
+
+def encode_prompts(tokenizer, texts: list[str], bos_id: int = 0, max_positions: int | None = None,
+                   max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
+    """Tokenise without the tokenizer's own specials (umT5 would append eos), start each with
+    the BOS id 0, and left-pad into a batch with an explicit attention mask."""
+    rows = []
+    for i, text in enumerate(texts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = [bos_id] + ids
+        if max_positions is not None and len(ids) + max_new_tokens > max_positions:
+            raise ValueError(f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it "
+                             f"exceeds the model's {max_positions} positions")
+        rows.append(ids)
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos_id
+    input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
+def clean_output(text: str) -> str:
+    """Cut at the first `</s>` spelled as text, and strip."""
+    return text.split(STOP_TEXT, 1)[0].strip()

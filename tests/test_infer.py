@@ -1,0 +1,144 @@
+"""infer.py and openmoe/generation: greedy == hand loop, batch == one by one, chat format, stops."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from openmoe import OpenMoeForCausalLM
+from openmoe.demo import build_corpus, train_tokenizer
+from openmoe.generation import CHAT_TEMPLATE, clean_output, encode_prompts, ensure_chat_template
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import infer  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from conftest import tiny_config
+
+    d = tmp_path_factory.mktemp("infer")
+    build_corpus(d / "c.jsonl", n_docs=60)
+    with open(d / "c.jsonl", "a") as f:  # make '<', '/', '>' pieces exist, to spell </s> as text
+        f.write(json.dumps({"text": "a < b / c > d"}) + "\n")
+    tok = train_tokenizer(d / "c.jsonl", 120)
+    torch.manual_seed(0)
+    cfg = tiny_config(vocab_size=len(tok), capacity_policy="dropless")
+    m = OpenMoeForCausalLM(cfg)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "norm" not in n:
+                p.normal_(0, 0.3)
+    m.save_pretrained(d / "model")
+    tok.save_pretrained(d / "model")
+    return d / "model"
+
+
+def _args(model_dir, *extra):
+    return infer.parse_args([str(model_dir), *extra])
+
+
+def test_greedy_equals_hand_loop(model_dir):
+    args = _args(model_dir, "--prompt", "the cat sees", "--max-new-tokens", "6")
+    model, tok = infer.load(args)
+    outs, _ = infer.generate(args, model, tok, ["the cat sees"])
+    ids = encode_prompts(tok, ["the cat sees"])["input_ids"]
+    assert ids[0, 0] == 0 and (ids[0, 1:] != 0).all()  # BOS id 0 first, no tokenizer specials
+    for _ in range(6):  # plain argmax loop over full forwards, no cache
+        nxt = model(ids).logits[0, -1].argmax()
+        if nxt == model.config.eos_token_id:
+            break
+        ids = torch.cat([ids, nxt.view(1, 1)], 1)
+    n_prompt = encode_prompts(tok, ["the cat sees"])["input_ids"].shape[1]
+    expected = clean_output(tok.decode(ids[0, n_prompt:], skip_special_tokens=True))
+    assert outs[0] == expected
+
+
+def test_batch_file_equals_one_by_one(model_dir, tmp_path):
+    prompts = ["the cat", "a small bird finds the", "my sister paints"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert infer.main([str(model_dir), "--input", str(tmp_path / "p.jsonl"), "--output",
+                       str(tmp_path / "o.jsonl"), "--max-new-tokens", "5"]) == 0
+    batch = [json.loads(l)["output"] for l in open(tmp_path / "o.jsonl")]
+    args = _args(model_dir, "--max-new-tokens", "5")
+    model, tok = infer.load(args)
+    single = [infer.generate(args, model, tok, [p])[0][0] for p in prompts]
+    assert batch == single
+
+
+def test_streaming_equals_non_streaming(model_dir):
+    args = _args(model_dir, "--max-new-tokens", "8")
+    model, tok = infer.load(args)
+    plain, _ = infer.generate(args, model, tok, ["the robot"])
+    buf = io.StringIO()
+    streamed, _ = infer.generate(args, model, tok, ["the robot"], stream_to=buf)
+    assert streamed == plain
+    assert buf.getvalue().strip() == plain[0]
+
+
+def test_chat_template_string_exact(model_dir):
+    args = _args(model_dir, "--chat", "--system", "Be brief.")
+    _, tok = infer.load(args)
+    assert infer.render(args, tok, prompt="Hi there") == \
+        "<<SYS>>\nBe brief.\n<</SYS>>\n\n<s>[INST] Hi there [/INST]"
+    msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}]
+    ensure_chat_template(tok)
+    assert tok.apply_chat_template(msgs, tokenize=False) == "<s>[INST] a [/INST] b</s><s>[INST] c [/INST]"
+    assert tok.chat_template == CHAT_TEMPLATE
+
+
+def test_stop_text_is_cut_and_passed_to_generate(model_dir):
+    assert clean_output(" hello there</s> more text") == "hello there"
+    args = _args(model_dir)
+    model, tok = infer.load(args)
+    kw = infer.generation_kwargs(args, model, tok)
+    assert kw["stop_strings"] == ["</s>"] and kw["eos_token_id"] == 1
+
+
+def test_generation_stops_on_stop_text(model_dir):
+    # Force a model that always continues with the pieces of "</s>" spelled as text.
+    args = _args(model_dir, "--max-new-tokens", "12")
+    model, tok = infer.load(args)
+    # umT5's chat model spells it as the pieces '</', 's', '>'; here: '<', '/', 's', '>'
+    stop_ids = [tok.convert_tokens_to_ids(c) for c in "</s>"]
+    assert tok.unk_token_id not in stop_ids and tok.eos_token_id not in stop_ids
+    state = {"i": 0}
+    real_forward = model.forward
+
+    def forward(*a, **k):
+        out = real_forward(*a, **k)
+        logits = torch.full_like(out.logits, -1e9)
+        i = state["i"]
+        tgt = stop_ids[(i - 2) % 4] if i >= 2 else tok.convert_tokens_to_ids("▁the")
+        logits[:, -1, tgt] = 0
+        state["i"] += 1
+        out.logits = logits
+        return out
+
+    model.forward = forward
+    outs, _ = infer.generate(args, model, tok, ["x"])
+    assert state["i"] == 6  # 2 words + the 4 pieces of "</s>", not max_new_tokens
+    assert outs[0] == "the the"
+
+
+def test_cli_errors(tmp_path, model_dir):
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(tmp_path / "missing"), "--prompt", "x"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "no such folder" in r.stderr
+    r = subprocess.run([sys.executable, str(ROOT / "infer.py"), str(model_dir), "--prompt", "x", "--dtype",
+                        "float16"], capture_output=True, text=True)
+    assert r.returncode == 2 and "fp16" in r.stderr
+    args = _args(model_dir, "--max-new-tokens", "60")
+    model, tok = infer.load(args)
+    with pytest.raises(ValueError, match="positions"):
+        infer.generate(args, model, tok, ["the cat " * 20])
+    nontok = tmp_path / "notok"
+    model.save_pretrained(nontok)
+    with pytest.raises(SystemExit, match="tokenizer"):
+        infer.load(_args(nontok))
