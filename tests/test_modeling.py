@@ -233,3 +233,12 @@ def test_trust_remote_code_in_fresh_interpreter(tiny, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "OK transformers_modules" in r.stdout
     assert (tmp_path / "again" / "moe_router.py").exists()
+
+
+def test_device_map_auto_loads(tiny, tmp_path):
+    pytest.importorskip("accelerate")
+    m = make_model(tiny())
+    m.save_pretrained(tmp_path)
+    m2 = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")  # _no_split_modules
+    ids = ids_batch(1, 5)
+    assert torch.allclose(m(ids).logits, m2(ids).logits.to("cpu"))
