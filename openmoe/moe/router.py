@@ -172,7 +172,6 @@ def route(
     B, S, E = logits_BSE.shape
     mask_BS = (torch.ones(B, S, dtype=torch.bool, device=logits_BSE.device)
                if token_mask_BS is None else token_mask_BS.bool())
-    real_BS = torch.ones_like(mask_BS)  # False for the zero tokens t5x appends
 
     if policy.name == "t5x":
         # The Jax code appends zero vectors (router logits exactly 0) so E divides the token
@@ -181,12 +180,10 @@ def route(
         if rows or cols:
             logits_BSE = torch.nn.functional.pad(logits_BSE, (0, 0, 0, cols, 0, rows))
             mask_BS = torch.nn.functional.pad(mask_BS, (0, cols, 0, rows), value=True)
-            real_BS = torch.nn.functional.pad(real_BS, (0, cols, 0, rows), value=False)
     Bp, Sp = mask_BS.shape
     T = Bp * Sp
     logits_TE = logits_BSE.reshape(T, E)
     mask_T = mask_BS.reshape(T)
-    real_T = real_BS.reshape(T)
 
     probs_TE = torch.softmax(logits_TE, dim=-1)
     expert_TK = top_k_experts(probs_TE, top_k)
@@ -221,14 +218,17 @@ def route(
     aux = load_balance_loss(probs_TE, expert_TK, group_T, w_T, num_groups)
     z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
 
-    keep_TK = keep_TK[real_T]
+    def real(t):  # drop the t5x zero tokens by slicing (no boolean-mask host sync)
+        return t.reshape(Bp, Sp, *t.shape[1:])[:B, :S].reshape(B * S, *t.shape[1:])
+
+    keep_TK = real(keep_TK)
     return Routing(
-        expert_TK=expert_TK[real_T],
-        weight_TK=weight_TK[real_T] * keep_TK,
+        expert_TK=real(expert_TK),
+        weight_TK=real(weight_TK) * keep_TK,
         keep_TK=keep_TK,
-        logits_TE=logits_TE[real_T],
-        probs_TE=probs_TE[real_T],
-        group_T=group_T[real_T],
+        logits_TE=real(logits_TE),
+        probs_TE=real(probs_TE),
+        group_T=real(group_T),
         num_groups=num_groups,
         capacity=capacity,
         aux_loss=aux,
