@@ -1,125 +1,122 @@
-"""`make demo`: a tiny OpenMoE end to end on CPU, in a couple of minutes.
+"""`make demo`: a tiny OpenMoE end to end on CPU, from files already on this machine.
 
-Builds a small local corpus, trains a BPE tokenizer on it, trains a tiny OpenMoE (configs/tiny),
-saves an HF folder, reloads it with AutoModelForCausalLM / AutoTokenizer and generates.
-The training loop here is deliberately minimal; train.py is the real trainer.
+1. corpus: the Python standard library's sources as a Stack-like part (`content`), and English
+   text that ships with Python and the OS (pydoc's topic help, license texts) as a
+   RedPajama-like part (`text`), written as jsonl;
+2. a sentencepiece tokenizer trained on it (pad/BOS 0, eos 1, unk 2, as umT5);
+3. train.py's trainer on configs/train/tiny_demo.yaml (a few hundred steps, 50/50 mixture);
+4. the exported HF folder reloaded with AutoModelForCausalLM / AutoTokenizer, and samples.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
-import math
 import os
-import random
-import time
+import shutil
+import sysconfig
 from pathlib import Path
 
-import torch
-
-SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher"]
-VERBS = ["sees", "likes", "follows", "paints", "finds", "helps", "remembers"]
-OBJECTS = ["the red ball", "a green tree", "the river", "an open door", "the tall tower", "a quiet song"]
-PLACES = ["in the park", "at night", "near the sea", "after school", "in the garden", "on monday"]
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def build_corpus(path: Path, n_docs: int = 600, seed: int = 0) -> None:
-    """RedPajama-style jsonl ({"text": ...}) of short templated stories."""
-    rng = random.Random(seed)
+def stack_like(max_files: int = 400, max_bytes: int = 4_000_000) -> list[str]:
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    docs, total = [], 0
+    for f in sorted(stdlib.glob("*.py")) + sorted(stdlib.glob("*/*.py")):
+        if "test" in f.parts[-2:][0] or f.stat().st_size > 60_000:
+            continue
+        text = f.read_text(encoding="utf-8", errors="ignore")
+        docs.append(text)
+        total += len(text)
+        if len(docs) >= max_files or total >= max_bytes:
+            break
+    return docs
+
+
+def redpajama_like(max_bytes: int = 4_000_000) -> list[str]:
+    docs = []
+    try:
+        from pydoc_data.topics import topics  # the English text of Python's help()
+
+        docs += [topics[k] for k in sorted(topics)]
+    except ImportError:
+        pass
+    for f in sorted(glob.glob("/usr/share/common-licenses/*")):
+        if os.path.isfile(f):
+            docs.append(Path(f).read_text(encoding="utf-8", errors="ignore"))
+    out, total = [], 0
+    for d in docs:
+        if d.strip():
+            out.append(d)
+            total += len(d)
+        if total >= max_bytes:
+            break
+    if not out:
+        raise SystemExit("demo: found no English text on this machine (pydoc topics, common-licenses)")
+    return out
+
+
+def write_jsonl(path: Path, field: str, docs: list[str]) -> None:
     with open(path, "w") as f:
-        for _ in range(n_docs):
-            sents = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
-                     for _ in range(rng.randint(2, 5))]
-            f.write(json.dumps({"text": " ".join(sents)}) + "\n")
-
-
-def train_tokenizer(corpus: Path, vocab_size: int):
-    """BPE with OpenMoE's special ids: <pad> 0 (also the BOS, prepended), </s> 1, <unk> 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"])
-    texts = [json.loads(line)["text"] for line in open(corpus)]
-    tok.train_from_iterator(texts, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<pad> $A", special_tokens=[("<pad>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
-                                   unk_token="<unk>", bos_token="<pad>", padding_side="left")
-
-
-def packed_batches(ids: list[int], seq: int, batch: int, seed: int):
-    n = (len(ids) - 1) // seq
-    data = torch.tensor(ids[: n * seq + 1])
-    g = torch.Generator().manual_seed(seed)
-    while True:
-        for idx in torch.randperm(n, generator=g).split(batch):
-            if len(idx) == batch:
-                yield torch.stack([data[i * seq:(i + 1) * seq] for i in idx.tolist()])
+        for d in docs:
+            f.write(json.dumps({field: d}) + "\n")
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="out/demo")
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--seq", type=int, default=64)
-    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=None, help="override the YAML's steps")
     args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import openmoe  # noqa: F401  (registers the Auto classes)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from openmoe import OpenMoeConfig, OpenMoeForCausalLM
+    from openmoe.data import train_sentencepiece
+    from openmoe.generation import clean_output, encode_prompts
+    from openmoe.training import Trainer, load_config
 
-    torch.manual_seed(0)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    corpus = out / "corpus.jsonl"
-    build_corpus(corpus)
-    cfg = OpenMoeConfig.from_pretrained(Path(__file__).resolve().parent.parent / "configs" / "tiny")
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
-    cfg.vocab_size = len(tokenizer)
-    print(f"corpus: {corpus} | tokenizer: {len(tokenizer)} pieces")
+    (out / "corpus").mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer").mkdir(parents=True, exist_ok=True)
+    code, prose = stack_like(), redpajama_like()
+    write_jsonl(out / "corpus" / "stack.jsonl", "content", code)
+    write_jsonl(out / "corpus" / "redpajama.jsonl", "text", prose)
+    print(f"[1/4] corpus: {len(code)} Python files ({sum(map(len, code)) / 1e6:.1f} MB), "
+          f"{len(prose)} English documents ({sum(map(len, prose)) / 1e6:.1f} MB) in {out / 'corpus'}")
 
-    ids = []
-    for line in open(corpus):
-        ids += tokenizer(json.loads(line)["text"])["input_ids"] + [tokenizer.eos_token_id]
-    model = OpenMoeForCausalLM(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f}M parameters, {cfg.num_experts} experts, top-{cfg.num_experts_per_tok}")
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20) * 0.5 *
-                                              (1 + math.cos(math.pi * min(s, args.steps) / args.steps)))
-    model.train()
-    t0 = time.time()
-    for step, batch in zip(range(args.steps), packed_batches(ids, args.seq, args.batch, seed=0)):
-        o = model(batch, labels=batch)
-        o.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if step % 25 == 0 or step == args.steps - 1:
-            tps = (step + 1) * batch.numel() / (time.time() - t0)
-            print(f"step {step:4d} loss {o.lm_loss.item():.3f} aux {o.aux_loss.item():.3f} "
-                  f"z {o.router_z_loss.item():.3f} drop {o.dropped_fraction.mean().item():.3f} "
-                  f"tok/s {tps:.0f}", flush=True)
+    spm_path = train_sentencepiece(code[:200] + prose[:300], str(out / "tokenizer" / "spm"), 1024)
+    print(f"[2/4] tokenizer: {spm_path} (sentencepiece unigram, 1024 pieces)")
 
-    folder = out / "model"
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    print(f"saved: {folder}")
+    overrides = ["--out_dir", str(out / "train"), "--tokenizer", spm_path, "--data", json.dumps([
+        {"name": "redpajama", "path": str(out / "corpus" / "redpajama.jsonl"), "text_field": "text", "weight": 0.5},
+        {"name": "stack", "path": str(out / "corpus" / "stack.jsonl"), "text_field": "content", "weight": 0.5}])]
+    if args.steps:
+        overrides += ["--steps", str(args.steps)]
+    cfg = load_config(str(ROOT / "configs" / "train" / "tiny_demo.yaml"), overrides)
+    shutil.rmtree(out / "train", ignore_errors=True)  # the demo always starts fresh
+    print(f"[3/4] training configs/train/tiny_demo.yaml for {cfg.steps} steps "
+          f"({cfg.batch_size} x {cfg.seq_len} tokens per step)")
+    trainer = Trainer(cfg)
+    trainer.setup()
+    final = trainer.train()
+    losses = [json.loads(line)["lm_loss"] for line in open(out / "train" / "metrics.jsonl")]
+    print(f"      loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (mean of the last {cfg.log_every} steps)")
 
-    model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    prompt = "the cat sees"
-    enc = tok(prompt, return_tensors="pt")
-    gen = model.generate(**enc, max_new_tokens=20, do_sample=False, eos_token_id=tok.eos_token_id)
-    text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-    print(f"reloaded with AutoModelForCausalLM ({type(model).__name__}); generate:")
-    print(f"  {prompt!r} -> {text!r}")
+    model = AutoModelForCausalLM.from_pretrained(final).eval()
+    tok = AutoTokenizer.from_pretrained(final)
+    print(f"[4/4] reloaded {final} with AutoModelForCausalLM ({type(model).__name__}) and AutoTokenizer")
+    torch.manual_seed(0)
+    for prompt in ["def", "The"]:
+        enc = encode_prompts(tok, [prompt])
+        gen = model.generate(**enc, max_new_tokens=40, min_new_tokens=20, do_sample=True, top_k=10,
+                             temperature=0.7, repetition_penalty=1.2, pad_token_id=0, eos_token_id=1)
+        text = tok.decode(gen[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        print(f"--- sample for {prompt!r}:\n{prompt}{clean_output(text)}\n")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     main()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from openmoe import OpenMoeForCausalLM
-from openmoe.demo import build_corpus, train_tokenizer
+from helpers import bpe_tokenizer, build_corpus
 from openmoe.generation import CHAT_TEMPLATE, clean_output, encode_prompts, ensure_chat_template
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -26,7 +26,7 @@ def model_dir(tmp_path_factory):
     build_corpus(d / "c.jsonl", n_docs=60)
     with open(d / "c.jsonl", "a") as f:  # make '<', '/', '>' pieces exist, to spell </s> as text
         f.write(json.dumps({"text": "a < b / c > d"}) + "\n")
-    tok = train_tokenizer(d / "c.jsonl", 120)
+    tok = bpe_tokenizer(d / "c.jsonl", 120)
     torch.manual_seed(0)
     cfg = tiny_config(vocab_size=len(tok), capacity_policy="dropless")
     m = OpenMoeForCausalLM(cfg)

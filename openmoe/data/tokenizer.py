@@ -1,0 +1,73 @@
+"""Tokenizers: any HF tokenizer folder/name, or a sentencepiece `.model` file (OpenMoE's umT5 spm).
+
+Training encodes without the tokenizer's own specials: the packer adds BOS (0) and EOS (1)
+itself, as OpenMoE did (umT5's tokenizer would append an eos, and has no BOS).
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class TextTokenizer:
+    """encode(text) -> ids without specials; `hf` is an HF tokenizer to save with the model."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if path.endswith(".model"):
+            if not os.path.isfile(path):
+                raise ValueError(f"tokenizer: no such sentencepiece model {path}")
+            import sentencepiece as spm
+
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+            self.hf = hf_from_sentencepiece(self.sp)
+        else:
+            self.sp = None
+            from transformers import AutoTokenizer
+
+            try:
+                self.hf = AutoTokenizer.from_pretrained(path)
+            except Exception as e:  # noqa: BLE001 - named error for a bad --tokenizer
+                raise ValueError(f"tokenizer {path!r} cannot be loaded: {type(e).__name__}: {e}") from None
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def encode(self, text: str) -> list[int]:
+        if self.sp is not None:
+            return self.sp.encode(text)
+        return self.hf(text, add_special_tokens=False)["input_ids"]
+
+
+def hf_from_sentencepiece(sp):
+    """A fast HF tokenizer with the same pieces and scores as a unigram spm model trained with
+    identity normalisation (as train_sentencepiece does), for saving beside the model so
+    AutoTokenizer works. (transformers 5's T5Tokenizer splits on whitespace, which would lose
+    newlines and indentation in code.)"""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
+    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    pad, eos, unk = (sp.id_to_piece(i) for i in (sp.pad_id(), sp.eos_id(), sp.unk_id()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
+                                   padding_side="left")
+
+
+def train_sentencepiece(texts, prefix: str, vocab_size: int) -> str:
+    """Train a unigram sentencepiece model with OpenMoE's special ids: pad 0, eos 1, unk 2,
+    no BOS piece (id 0 doubles as BOS). Returns the .model path."""
+    import sentencepiece as spm
+
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_by_whitespace=True,
+        allow_whitespace_only_pieces=True,  # indentation runs become single pieces
+        pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=0.9995,
+        byte_fallback=True, hard_vocab_limit=False, num_threads=2, minloglevel=2,
+        max_sentence_length=16384, train_extremely_large_corpus=False)
+    return prefix + ".model"

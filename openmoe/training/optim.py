@@ -1,0 +1,64 @@
+"""Optimizers (AdamW, Adafactor as the originals used), LR schedules, and freezing of groups."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import torch
+
+from .config import ConfigError
+
+# Parameter-name patterns of OpenMoeForCausalLM for each freezable group.
+FREEZE_GROUPS = {
+    "router": r"\.mlp\.gate_weight$",
+    "experts": r"\.mlp\.experts\.",
+    "embeddings": r"^model\.embed_tokens\.",
+    "lm_head": r"^lm_head\.",
+    "attention": r"\.self_attn\.",
+    "mlp": r"\.(mlp|extra_mlp)\.(gate|up|down)_proj\.",
+    "norms": r"(layernorm|norm)\.weight$",
+}
+
+
+def freeze(model: torch.nn.Module, groups: list[str]) -> int:
+    """requires_grad=False for the named groups; returns how many tensors were frozen."""
+    n = 0
+    for g in groups:
+        if g not in FREEZE_GROUPS:
+            raise ConfigError(f"--freeze {g!r}: unknown group; choose from {sorted(FREEZE_GROUPS)}")
+        pat = re.compile(FREEZE_GROUPS[g])
+        hit = [p for name, p in model.named_parameters() if pat.search(name)]
+        if not hit:
+            raise ConfigError(f"--freeze {g!r}: matches no parameter of this model")
+        for p in hit:
+            p.requires_grad_(False)
+        n += len(hit)
+    return n
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 else decay).append(p)  # no decay on norm scales
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adafactor":
+        return torch.optim.Adafactor(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=1e-8, foreach=False)
+
+
+def lr_lambda(cfg):
+    """Multiplier of cfg.lr at a step: linear warmup, then cosine/linear decay to min_lr_ratio."""
+    warm, total, floor = cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        frac = min(1.0, (step - warm) / max(1, total - warm))
+        decay = 0.5 * (1 + math.cos(math.pi * frac)) if cfg.schedule == "cosine" else 1 - frac
+        return floor + (1 - floor) * decay
+
+    return f

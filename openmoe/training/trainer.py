@@ -1,0 +1,213 @@
+"""The training loop: parallelism-agnostic, single process here (the distributed issue wraps the
+same model and loop from outside).
+
+One step = grad_accum micro-batches. The LM loss is weighted by each micro-batch's share of
+target tokens, so accumulation gives the same gradient as one big batch; aux/z losses are
+averaged over micro-batches.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
+from ..utils.hardware import default_dtype, matmul_peak
+from . import checkpoint as ckpt
+from .config import ConfigError, TrainConfig, dump_config
+from .metrics import MetricsSink, expert_stats, flops_per_token
+from .optim import build_optimizer, freeze, lr_lambda
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+        self.cfg, self.resume, self.log = cfg, resume, log
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "checkpoints"
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda: no CUDA device here")
+        if cfg.precision == "auto":
+            self.amp_dtype = default_dtype(self.device)
+        else:
+            self.amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        cfg = self.cfg
+        if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
+            raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
+                              f"or choose another --out_dir")
+        torch.manual_seed(cfg.seed)
+        tok_path = cfg.tokenizer or cfg.init_from
+        if tok_path is None:
+            raise ConfigError("tokenizer: give a tokenizer (HF folder/name or sentencepiece .model)")
+        try:
+            self.tokenizer = TextTokenizer(tok_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.model = self._build_model().to(self.device)
+        if cfg.freeze:
+            freeze(self.model, cfg.freeze)
+        if cfg.activation_checkpointing:
+            self.model.activation_checkpointing_enable()
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
+        sources = [SourceConfig.from_dict(dict(s)) for s in cfg.data]
+        mc = self.model.config
+        self.data = PackedMixture(sources, self.tokenizer.encode, cfg.seq_len, cfg.batch_size, cfg.seed,
+                                  bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
+        self.step = 0
+        if self.resume:
+            last = ckpt.latest(self.ckpt_dir)
+            if last is not None:
+                state = ckpt.load(last, self.model, self.optimizer, self.scheduler)
+                self.step = state["step"]
+                self.data.load_state(state["data"])
+                self.log(f"resumed from {last} at step {self.step}")
+            else:
+                self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+        self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_peak(self.amp_dtype, self.device) * 1e9
+        self.peak_flops = peak
+        n_params = sum(p.numel() for p in self.model.parameters())
+        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
+                 f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
+                 f"({'given' if cfg.peak_tflops else 'measured matmul'})")
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "train_config.json").write_text(dump_config(cfg))
+
+    def _build_model(self):
+        from .. import OpenMoeConfig, OpenMoeForCausalLM
+
+        cfg = self.cfg
+        if cfg.init_from:
+            if not Path(cfg.init_from).is_dir():
+                raise ConfigError(f"init_from {cfg.init_from}: no such folder")
+            model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, **cfg.model_overrides)
+        else:
+            try:
+                mcfg = OpenMoeConfig.from_pretrained(cfg.model, **cfg.model_overrides)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"model {cfg.model}: {e}") from None
+            model = OpenMoeForCausalLM(mcfg)
+        if len(self.tokenizer) > model.config.vocab_size:
+            raise ConfigError(f"tokenizer {self.tokenizer.path} has {len(self.tokenizer)} pieces but the model's "
+                              f"vocab_size is {model.config.vocab_size}")
+        return model
+
+    # ------------------------------------------------------------------ loop
+    def _micro_batches(self):
+        return [{k: v.to(self.device) for k, v in self.data.next_batch().items()}
+                for _ in range(self.cfg.grad_accum)]
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        batches = self._micro_batches()
+        n_targets = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
+        total_targets = max(1, sum(n_targets))
+        A = len(batches)
+        agg = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "router_z_loss": 0.0, "output_z_loss": 0.0}
+        tpe, dropped = None, None
+        for b, n in zip(batches, n_targets):
+            with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                out = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
+                                 use_cache=False)
+            share = n / total_targets
+            loss = out.lm_loss * share + (out.loss - out.lm_loss) / A
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"step {self.step}: loss is {loss.item()} (not finite); stopped without "
+                                       f"saving, the last good checkpoint is kept in {self.ckpt_dir}")
+            loss.backward()
+            agg["loss"] += loss.item()
+            agg["lm_loss"] += out.lm_loss.item() * share
+            for k in ("aux_loss", "router_z_loss", "output_z_loss"):
+                v = getattr(out, k)
+                agg[k] += (v.item() if v is not None else 0.0) / A
+            if out.tokens_per_expert is not None:
+                tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
+                dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        if not torch.isfinite(gnorm):
+            raise TrainingDiverged(f"step {self.step}: gradient norm is {gnorm.item()}; stopped without saving")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        agg["grad_norm"] = gnorm.item()
+        agg["tokens"] = sum(b["input_ids"].numel() for b in batches)
+        if tpe is not None:
+            agg.update(expert_stats(tpe, dropped))
+        return agg
+
+    def train(self) -> Path | None:
+        cfg = self.cfg
+        sink = MetricsSink(self.out, cfg.tensorboard)
+        kill_at = int(os.environ.get("OPENMOE_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL here
+        bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=os.environ.get("OPENMOE_NO_TQDM") == "1")
+        t_last, tokens_since = time.perf_counter(), 0
+        window: dict[str, float] = {}  # sums of the scalar metrics since the last log line
+        try:
+            while self.step < cfg.steps:
+                if self.step == kill_at:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                lr = self.scheduler.get_last_lr()[0]
+                m = self.train_step()
+                self.step += 1
+                tokens_since += m["tokens"]
+                for k in ("loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss", "grad_norm"):
+                    window[k] = window.get(k, 0.0) + m[k]
+                window["n"] = window.get("n", 0) + 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{m['lm_loss']:.3f}", aux=f"{m['aux_loss']:.3f}")
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
+                    dt = time.perf_counter() - t_last
+                    tps = tokens_since / dt
+                    n = window.pop("n")
+                    # losses are means over the steps since the last line (the logged step included)
+                    rec = {"step": self.step, **{k: v / n for k, v in window.items()}, "lr": lr,
+                           "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops}
+                    window = {}
+                    for k in ("expert_load_max_over_mean", "drop_rate", "tokens_per_expert"):
+                        if k in m:
+                            rec[k] = m[k]
+                    sink.write(rec)
+                    self.log(f"step {self.step} | loss {rec['lm_loss']:.4f} | aux {rec['aux_loss']:.4f} | "
+                             f"z {rec['router_z_loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
+                             f"tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | load max/mean "
+                             f"{rec.get('expert_load_max_over_mean')} | drop {rec.get('drop_rate')}")
+                    t_last, tokens_since = time.perf_counter(), 0
+                if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
+                              {"data": self.data.state()}, cfg.keep_last)
+        finally:
+            bar.close()
+            sink.close()
+        return self.export() if cfg.export_final else None
+
+    def export(self) -> Path:
+        """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""
+        final, tmp = self.out / "final", self.out / ".tmp_final"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp)
+        self.tokenizer.hf.save_pretrained(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        self.log(f"exported HF folder: {final}")
+        return final

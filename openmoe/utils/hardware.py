@@ -1,0 +1,64 @@
+"""What machine is this: CPU model and SIMD flags, native bf16, a measured matmul peak."""
+
+from __future__ import annotations
+
+import platform
+import time
+
+import torch
+
+BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    simd = sorted(f for f in flags if f.startswith(("avx512", "amx")) or f in ("avx2", "fma"))
+    return {"model": model, "simd": simd, "native_bf16": any(f in flags for f in BF16_FLAGS),
+            "threads": torch.get_num_threads()}
+
+
+def describe_machine() -> str:
+    i = cpu_info()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"CPU: {i['model']} | threads {i['threads']} | native bf16: {i['native_bf16']}\n"
+            f"flags: {' '.join(i['simd'])}\nGPU: {gpu} | torch {torch.__version__}")
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on CUDA and on CPUs with native bf16; fp32 elsewhere (an AVX2-only CPU runs a bf16
+    matmul some 400x slower than fp32)."""
+    if device.startswith("cuda"):
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_info()["native_bf16"] else torch.float32
+
+
+def timeit(fn, warmup: int = 1, iters: int = 3) -> float:
+    """Median seconds per call (synchronising CUDA around each)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[len(times) // 2]
+
+
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:
+    """Measured GEMM GFLOP/s of one square n x n x n matmul of this dtype on this device."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9

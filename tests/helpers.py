@@ -1,0 +1,34 @@
+"""Small test fixtures shared by several test files: a templated corpus and a BPE tokenizer
+with OpenMoE's special ids (<pad> 0, </s> 1, <unk> 2)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher"]
+VERBS = ["sees", "likes", "follows", "paints", "finds", "helps", "remembers"]
+OBJECTS = ["the red ball", "a green tree", "the river", "an open door", "the tall tower", "a quiet song"]
+
+
+def build_corpus(path: Path, n_docs: int = 60, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n_docs):
+            sents = [f"{rng.choice(SUBJECTS)} {rng.choice(VERBS)} {rng.choice(OBJECTS)}."
+                     for _ in range(rng.randint(2, 5))]
+            f.write(json.dumps({"text": " ".join(sents)}) + "\n")
+
+
+def bpe_tokenizer(corpus: Path, vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"])
+    tok.train_from_iterator([json.loads(line)["text"] for line in open(corpus)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", padding_side="left")

@@ -1,0 +1,41 @@
+"""Pre-train or fine-tune OpenMoE.
+
+    python train.py --config configs/train/tiny_demo.yaml [--key value ...] [--resume]
+
+Every key of the YAML (see openmoe/training/config.py: TrainConfig) can be overridden with
+`--key value`, model config fields with `--model_overrides.NAME value`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help="training YAML")
+    ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    args, rest = ap.parse_known_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from openmoe.data import DataError
+    from openmoe.training import ConfigError, Trainer, TrainingDiverged, load_config
+
+    try:
+        cfg = load_config(args.config, rest)
+        trainer = Trainer(cfg, resume=args.resume)
+        trainer.setup()
+        trainer.train()
+    except (ConfigError, DataError) as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"train.py: {e}", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
