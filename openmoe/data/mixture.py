@@ -13,7 +13,7 @@ import torch
 
 from .chat import chat_document
 from .packing import Document, Packer
-from .sources import DocumentStream, SourceConfig
+from .sources import DocumentStream, SourceConfig, check_source
 
 
 class PackedMixture:
@@ -22,6 +22,8 @@ class PackedMixture:
         if not sources:
             raise ValueError("data: no sources configured")
         self.sources = sources
+        for src in sources:
+            check_source(src)  # fail at start-up, not at the first batch
         self.streams = [DocumentStream(s) for s in sources]
         total = sum(s.weight for s in sources)
         self.weights = [s.weight / total for s in sources]

@@ -64,6 +64,17 @@ def _local_files(src: SourceConfig) -> list[str]:
     return files
 
 
+def check_source(src: SourceConfig) -> None:
+    """Cheap start-up check: local paths exist and have a supported type."""
+    if _is_local(src.path):
+        files = _local_files(src)
+        if not (len(files) == 1 and os.path.isdir(files[0])):
+            bad = [f for f in files if not f.endswith(JSON_EXT + PARQUET_EXT)]
+            if bad:
+                raise DataError(f"data source {src.name!r}: unsupported file type {bad[0]} "
+                                f"(use .jsonl/.json[.gz], .parquet, or a folder of text files)")
+
+
 def _iter_folder(src: SourceConfig, folder: str) -> Iterator[dict]:
     paths = sorted(str(f) for f in Path(folder).rglob("*")
                    if f.is_file() and any(str(f).endswith(e) for e in src.extensions))
@@ -90,14 +101,11 @@ def _hf_stream(src: SourceConfig, files: list[str] | None):
 def raw_examples(src: SourceConfig) -> Iterator[dict]:
     """One epoch of raw examples (dicts) from a source, in a fixed order."""
     if _is_local(src.path):
+        check_source(src)
         files = _local_files(src)
         if len(files) == 1 and os.path.isdir(files[0]):
             yield from _iter_folder(src, files[0])
             return
-        bad = [f for f in files if not f.endswith(JSON_EXT + PARQUET_EXT)]
-        if bad:
-            raise DataError(f"data source {src.name!r}: unsupported file type {bad[0]} "
-                            f"(use .jsonl/.json[.gz], .parquet, or a folder of text files)")
         stream = _hf_stream(src, files)
     else:
         stream = _hf_stream(src, None)

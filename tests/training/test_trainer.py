@@ -138,7 +138,8 @@ def test_packed_documents_do_not_attend_across(tiny):
     (["--model", "/nonexistent/cfg"], "model /nonexistent/cfg"),
     (["--data", '[{"name": "x", "path": "/nonexistent.jsonl"}]'], "no such file"),
 ])
-def test_cli_errors_are_one_line_and_exit_2(run_setup, extra, msg, capsys):
+def test_cli_errors_are_one_line_and_exit_2(run_setup, extra, msg, capsys, monkeypatch):
+    monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
     sys.path.insert(0, str(ROOT))
     import train
 
