@@ -103,3 +103,11 @@ def test_chat_loss_only_on_assistant_tokens():
     assert Template(CHAT_TEMPLATE).render(messages=msgs) == text  # same string as the chat template
     doc2 = chat_document({"prompt": "p", "response": "r"}, encode)
     assert "".join(ch for ch, m in zip("<s>[INST] p [/INST] r</s>", doc2.train_mask) if m) == " r</s>"
+
+
+def test_hub_source_offline_is_a_named_error(monkeypatch):
+    # The real loading path (streaming from the hub) is kept; offline it fails with the source named.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    src = SourceConfig(name="redpajama", path="togethercomputer/RedPajama-Data-1T-Sample")
+    with pytest.raises(DataError, match="'redpajama': cannot open togethercomputer/RedPajama-Data-1T-Sample"):
+        PackedMixture([src], encode, 8, 1).next_batch()
