@@ -7,6 +7,8 @@ import json
 import random
 from pathlib import Path
 
+from openmoe import OpenMoeConfig
+
 SUBJECTS = ["the cat", "a dog", "the old man", "my sister", "the robot", "a small bird", "the teacher"]
 VERBS = ["sees", "likes", "follows", "paints", "finds", "helps", "remembers"]
 OBJECTS = ["the red ball", "a green tree", "the river", "an open door", "the tall tower", "a quiet song"]
@@ -32,3 +34,12 @@ def bpe_tokenizer(corpus: Path, vocab_size: int):
     tok.train_from_iterator([json.loads(line)["text"] for line in open(corpus)], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
                                    unk_token="<unk>", padding_side="left")
+
+
+def tiny_config(**overrides) -> OpenMoeConfig:
+    """4 layers (MoE at 1 and 3), 4 experts, head_dim 16 with 4 heads (64 != hidden 32)."""
+    kw = dict(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+              num_attention_heads=4, head_dim=16, num_experts=4, num_experts_per_tok=2,
+              moe_layer_interval=2, max_position_embeddings=64, router_group_size=4096)
+    kw.update(overrides)
+    return OpenMoeConfig(**kw)

@@ -20,7 +20,7 @@ import infer  # noqa: E402
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from conftest import tiny_config
+    from helpers import tiny_config
 
     d = tmp_path_factory.mktemp("infer")
     build_corpus(d / "c.jsonl", n_docs=60)
@@ -142,3 +142,26 @@ def test_cli_errors(tmp_path, model_dir):
     model.save_pretrained(nontok)
     with pytest.raises(SystemExit, match="tokenizer"):
         infer.load(_args(nontok))
+
+
+def test_infer_on_train_py_export_and_colossalai_folder(tmp_path, model_dir):
+    """infer.py works on a train.py export (weights + spm-based tokenizer) and on a published
+    ColossalAI-layout folder (model_type llama, sharded .bin)."""
+    import shutil
+
+    from test_colossalai_layout import _colossalai_config
+
+    m = OpenMoeForCausalLM.from_pretrained(model_dir)
+    col = tmp_path / "colossal"
+    col.mkdir()
+    torch.save(m.state_dict(), col / "pytorch_model.bin")
+    (col / "config.json").write_text(json.dumps(_colossalai_config(m.config)))
+    for f in Path(model_dir).iterdir():
+        if f.name.startswith("tokenizer"):
+            shutil.copy(f, col / f.name)
+    a = _args(col, "--max-new-tokens", "5")
+    model, tok = infer.load(a)
+    assert model.config.eos_token_id == 1 and model.config.model_type == "openmoe"
+    b = _args(model_dir, "--max-new-tokens", "5")
+    ref_model, ref_tok = infer.load(b)
+    assert infer.generate(a, model, tok, ["the cat"])[0] == infer.generate(b, ref_model, ref_tok, ["the cat"])[0]

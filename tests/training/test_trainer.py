@@ -152,3 +152,15 @@ def test_refuses_to_clobber_checkpoints_without_resume(run_setup):
     assert _run_cli(run_setup + ["--steps", "2"]).returncode == 0
     r = _run_cli(run_setup + ["--steps", "2"])
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_infer_runs_on_the_exported_folder(run_setup, capsys):
+    cfg = load_config(None, run_setup + ["--steps", "2"])
+    t = Trainer(cfg, log=lambda *a: None)
+    t.setup()
+    final = t.train()
+    sys.path.insert(0, str(ROOT))
+    import infer
+
+    assert infer.main([str(final), "--prompt", "def f", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip() != ""
