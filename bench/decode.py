@@ -68,10 +68,10 @@ def moe_overhead(layer, batch: int, iters: int = 20) -> tuple[float, float]:
         whole = (time.perf_counter() - t) / iters
         r = layer.route(x)
         plan = layer.dispatcher.plan(r, layer.num_experts)
-        xs = layer.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), plan)
+        xs, counts = layer.dispatcher.dispatch(x.reshape(-1, x.shape[-1]), plan)
         t = time.perf_counter()
         for _ in range(iters):
-            layer.experts(xs, plan.counts_E)
+            layer.experts(xs, counts)
         gemm = (time.perf_counter() - t) / iters
     return whole, gemm
 

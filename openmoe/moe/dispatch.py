@@ -42,8 +42,9 @@ class LocalDispatcher:
             top_k=K,
         )
 
-    def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return x_TH[plan.token_N]
+    def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows for this process's experts, sorted by expert, and the count per expert."""
+        return x_TH[plan.token_N], plan.counts_E
 
     def combine(self, y_NH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
         """Weighted scatter of the rows into their [T*K] slots, then a sum over K. Deterministic

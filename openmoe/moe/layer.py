@@ -69,7 +69,8 @@ class MoELayer(nn.Module):
         routing = self.route(x_BSH, mask)
         plan = self.dispatcher.plan(routing, self.num_experts)
         x_TH = x_BSH.reshape(-1, H)
-        y_NH = self.experts(self.dispatcher.dispatch(x_TH, plan), plan.counts_E)
+        x_NH, counts = self.dispatcher.dispatch(x_TH, plan)
+        y_NH = self.experts(x_NH, counts)
         y_TH = self.dispatcher.combine(y_NH, plan, x.dtype)
 
         active = (routing.keep_TK.numel() if mask is None

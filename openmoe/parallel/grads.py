@@ -1,0 +1,70 @@
+"""Gradient reduction and clipping under data x expert parallelism.
+
+Every rank's loss is the mean over its own tokens; the global loss is their mean over all
+`world` ranks. So:
+  - a replicated (non-expert) parameter's gradient is the average over all ranks;
+  - an expert's gradient already holds, through the all_to_all backward, the contributions of
+    every token its EP group sent it; the copies of that expert on the other dp ranks hold the
+    rest. Sum over the dp group, divide by world. Averaging over the EP group (what DDP does to
+    every parameter) or dividing twice is the classic EP bug; tests check the scale exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .mesh import ParallelState
+
+
+def is_expert(p: torch.Tensor) -> bool:
+    return getattr(p, "_ep_expert", False)
+
+
+def _allreduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)  # one collective per group of tensors
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat.mul_(scale)
+    for g, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        g.copy_(synced)
+
+
+def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
+    if not ps.distributed:
+        return
+    dense, experts = [], []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        (experts if is_expert(p) else dense).append(p.grad)
+    _allreduce_sum(dense, ps.world_group, 1.0 / ps.world)
+    _allreduce_sum(experts, ps.dp_group, 1.0 / ps.world)
+
+
+def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
+    """Clip by the norm of the whole (sharded) gradient: replicated parts counted once, each
+    expert once (summed over the EP group). Returns the total norm."""
+    dense_sq = torch.zeros((), dtype=torch.float64)
+    expert_sq = torch.zeros((), dtype=torch.float64)
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if is_expert(p):
+            expert_sq += sq
+        else:
+            dense_sq += sq
+    if ps.distributed and ps.ep > 1:
+        dist.all_reduce(expert_sq, group=ps.ep_group)
+    total = (dense_sq + expert_sq).sqrt().float()
+    if max_norm > 0 and torch.isfinite(total):
+        coef = max_norm / (total + 1e-6)
+        if coef < 1:
+            for g in grads:
+                g.mul_(coef.to(g.device))
+    return total
