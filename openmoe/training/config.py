@@ -42,6 +42,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
     # checkpoints and logs
     out_dir: str = "out/train"
     save_every: int = 200
@@ -68,6 +69,8 @@ class TrainConfig:
             bad("precision", "choose auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "choose auto, cpu or cuda")
+        if not isinstance(self.ep, int) or self.ep < 1:
+            bad("ep", "must be a positive integer")
         if not self.lr > 0:
             bad("lr", "must be > 0")
         if self.warmup_steps < 0:

@@ -17,7 +17,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import torch.distributed as dist
+
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
+from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
 from ..utils.hardware import default_dtype, matmul_peak
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, dump_config
@@ -30,13 +33,21 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
-        self.cfg, self.resume, self.log = cfg, resume, log
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, ps: ParallelState | None = None):
+        self.cfg, self.resume = cfg, resume
+        try:
+            self.ps = ps or init_distributed(cfg.ep)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.log = log if self.ps.is_main else (lambda *a, **k: None)  # rank 0 speaks
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda: no CUDA device here")
+        if self.device == "cuda" and self.ps.distributed:
+            self.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(self.device)
         if cfg.precision == "auto":
             self.amp_dtype = default_dtype(self.device)
         else:
@@ -56,7 +67,7 @@ class Trainer:
             self.tokenizer = TextTokenizer(tok_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.model = self._build_model().to(self.device)
+        self.model = parallelize(self._build_model().to(self.device), self.ps)
         if cfg.freeze:
             freeze(self.model, cfg.freeze)
         if cfg.activation_checkpointing:
@@ -66,13 +77,18 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         sources = [SourceConfig.from_dict(dict(s)) for s in cfg.data]
         mc = self.model.config
-        self.data = PackedMixture(sources, self.tokenizer.encode, cfg.seq_len, cfg.batch_size, cfg.seed,
-                                  bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
+        # Every rank draws the same global batch and keeps its slice: the data position is one
+        # state for all ranks, and a run's data do not depend on how it is parallelised.
+        self.data = PackedMixture(sources, self.tokenizer.encode, cfg.seq_len, cfg.batch_size * self.ps.world,
+                                  cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
         self.step = 0
         if self.resume:
-            last = ckpt.latest(self.ckpt_dir)
+            last = ckpt.latest(self.ckpt_dir, self.ps)
             if last is not None:
-                state = ckpt.load(last, self.model, self.optimizer, self.scheduler)
+                try:
+                    state = ckpt.load(last, self.model, self.optimizer, self.scheduler, self.ps)
+                except ValueError as e:
+                    raise ConfigError(str(e)) from None
                 self.step = state["step"]
                 self.data.load_state(state["data"])
                 self.log(f"resumed from {last} at step {self.step}")
@@ -83,12 +99,14 @@ class Trainer:
         self.peak_flops = peak
         n_params = sum(p.numel() for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        self.log(f"model: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+        self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
+        self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
                  f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
                  f"({'given' if cfg.peak_tflops else 'measured matmul'})")
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "train_config.json").write_text(dump_config(cfg))
+        if self.ps.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "train_config.json").write_text(dump_config(cfg))
 
     def _build_model(self):
         from .. import OpenMoeConfig, OpenMoeForCausalLM
@@ -111,14 +129,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _micro_batches(self):
-        return [{k: v.to(self.device) for k, v in self.data.next_batch().items()}
+        bs, r = self.cfg.batch_size, self.ps.rank
+        return [{k: v[r * bs:(r + 1) * bs].to(self.device) for k, v in self.data.next_batch().items()}
                 for _ in range(self.cfg.grad_accum)]
+
+    def _all_sum(self, values: list[float]) -> list[float]:
+        if not self.ps.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.tolist()
 
     def train_step(self) -> dict:
         cfg = self.cfg
         batches = self._micro_batches()
         n_targets = [int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches]
-        total_targets = max(1, sum(n_targets))
+        # Weight each micro-batch by its share of the global batch's targets; sync_gradients
+        # averages over ranks, hence the factor world.
+        total_targets = max(1, int(self._all_sum([sum(n_targets)])[0])) / self.ps.world
         A = len(batches)
         agg = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "router_z_loss": 0.0, "output_z_loss": 0.0}
         tpe, dropped = None, None
@@ -140,25 +168,33 @@ class Trainer:
             if out.tokens_per_expert is not None:
                 tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
                 dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else float("inf"))
+        sync_gradients(self.model, self.ps)
+        gnorm = clip_grad_norm(self.model, cfg.clip_grad, self.ps)
         if not torch.isfinite(gnorm):
             raise TrainingDiverged(f"step {self.step}: gradient norm is {gnorm.item()}; stopped without saving")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        keys = ["loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss"]
+        means = self._all_sum([agg[k] for k in keys])
+        for k, v in zip(keys, means):  # the global figures are the means over ranks
+            agg[k] = v / self.ps.world
         agg["grad_norm"] = gnorm.item()
-        agg["tokens"] = sum(b["input_ids"].numel() for b in batches)
+        agg["tokens"] = sum(b["input_ids"].numel() for b in batches) * self.ps.world
         if tpe is not None:
+            if self.ps.distributed:
+                dist.all_reduce(tpe)
+                dist.all_reduce(dropped)
+                dropped = dropped / self.ps.world
             agg.update(expert_stats(tpe, dropped))
         return agg
 
     def train(self) -> Path | None:
         cfg = self.cfg
-        sink = MetricsSink(self.out, cfg.tensorboard)
+        sink = MetricsSink(self.out, cfg.tensorboard and self.ps.is_main)
         kill_at = int(os.environ.get("OPENMOE_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL here
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
-                   disable=os.environ.get("OPENMOE_NO_TQDM") == "1")
+                   disable=os.environ.get("OPENMOE_NO_TQDM") == "1" or not self.ps.is_main)
         t_last, tokens_since = time.perf_counter(), 0
         window: dict[str, float] = {}  # sums of the scalar metrics since the last log line
         try:
@@ -185,7 +221,8 @@ class Trainer:
                     for k in ("expert_load_max_over_mean", "drop_rate", "tokens_per_expert"):
                         if k in m:
                             rec[k] = m[k]
-                    sink.write(rec)
+                    if self.ps.is_main:
+                        sink.write(rec)
                     self.log(f"step {self.step} | loss {rec['lm_loss']:.4f} | aux {rec['aux_loss']:.4f} | "
                              f"z {rec['router_z_loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
                              f"tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | load max/mean "
@@ -193,7 +230,7 @@ class Trainer:
                     t_last, tokens_since = time.perf_counter(), 0
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                              {"data": self.data.state()}, cfg.keep_last)
+                              {"data": self.data.state()}, cfg.keep_last, self.ps)
         finally:
             bar.close()
             sink.close()
@@ -202,6 +239,15 @@ class Trainer:
     def export(self) -> Path:
         """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""
         final, tmp = self.out / "final", self.out / ".tmp_final"
+        if self.ps.ep > 1:
+            from ..parallel.export import export_expert_parallel
+
+            export_expert_parallel(self.model, self.tokenizer.hf, final, self.ps)
+            self.log(f"exported HF folder: {final}")
+            return final
+        if not self.ps.is_main:
+            dist.barrier()
+            return final
         if tmp.exists():
             shutil.rmtree(tmp)
         self.model.save_pretrained(tmp)
@@ -209,5 +255,7 @@ class Trainer:
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)
+        if self.ps.distributed:
+            dist.barrier()
         self.log(f"exported HF folder: {final}")
         return final

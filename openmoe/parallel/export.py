@@ -1,0 +1,63 @@
+"""One consolidated HF folder from an expert-parallel model, streamed: each expert tensor is
+gathered over its EP group and appended to the current safetensors shard on rank 0, then
+dropped; no rank ever holds the whole model's experts at once."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .mesh import ParallelState
+
+
+def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: ParallelState,
+                           max_shard: str = "2GB") -> None:
+    from ..checkpoint.shards import TensorSpec, ShardWriter, output_folder, parse_size, plan_shards
+    from ..remote_code import AUTO_MAP, write_remote_code
+
+    sd = model.state_dict()
+    full_shapes = {}
+    for name, t in sd.items():
+        shape = tuple(t.shape)
+        if ".mlp.experts." in name:
+            shape = (shape[0] * ps.ep, *shape[1:])
+        full_shapes[name] = shape
+    names = sorted(sd)
+    writer = ctx = folder = None
+    if ps.is_main:
+        out = Path(out)
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)  # the trainer's own export folder from an earlier run
+        specs = [TensorSpec(n, full_shapes[n], sd[n].dtype) for n in names]
+        ctx = output_folder(out)
+        folder = ctx.__enter__()
+        writer = ShardWriter(folder, plan_shards(specs, parse_size(max_shard)))
+    try:
+        for name in names:
+            t = sd[name].detach().contiguous().cpu()
+            if ".mlp.experts." in name:
+                parts = [torch.empty_like(t) for _ in range(ps.ep)]
+                dist.all_gather(parts, t, group=ps.ep_group)
+                t = torch.cat(parts)
+            if writer is not None:
+                writer.write(name, [t])
+            del t
+        if writer is not None:
+            writer.finish()
+            model.config.auto_map = dict(AUTO_MAP)
+            model.config.save_pretrained(folder)
+            if model.generation_config is not None:
+                model.generation_config.save_pretrained(folder)
+            write_remote_code(folder)
+            tokenizer.save_pretrained(folder)
+            ctx.__exit__(None, None, None)
+    except BaseException as e:
+        if ctx is not None:
+            ctx.__exit__(type(e), e, e.__traceback__)
+        raise
+    dist.barrier()
