@@ -1,10 +1,14 @@
-"""Training checkpoints: written to a temp folder and renamed into place only when complete,
-keeping the last K. A folder named step_XXXXXXXX is always whole; temp folders left by a killed
-run are ignored and cleaned up.
+"""Training checkpoints with torch.distributed.checkpoint (DCP): sharded, and resumable at a
+different world size or EP size.
 
-Layout: step_XXXXXXXX/trainer_state.json (step, data position, world/ep layout),
-scheduler.pt, and one rankNNNNN/ folder per process with that rank's model.safetensors (its
-expert shard under EP), optimizer.pt and rng.pt. Resuming needs the same world and ep sizes.
+Each rank contributes its part: replicated tensors once (DCP de-duplicates them), expert
+tensors as DTensors sharded over the mesh's `ep` dimension (so the checkpoint knows their
+global [E, ...] shape). Loading builds the same description for the *current* layout and DCP
+reads the slices each rank needs, whatever layout wrote them.
+
+Layout of step_XXXXXXXX/: DCP files (model and optimizer tensors), trainer_state.json (step,
+data position, scheduler, layout) and rng_rankNNNNN.pt. The folder is written as .tmp_step_*
+and renamed only when whole; leftovers of a killed save are removed on resume.
 """
 
 from __future__ import annotations
@@ -13,15 +17,22 @@ import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
+import torch.distributed.checkpoint as dcp
 
+from ..parallel.grads import is_expert
 from ..parallel.mesh import ParallelState
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+
+
+def _barrier(ps: ParallelState) -> None:
+    if ps.distributed:
+        dist.barrier()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,42 +44,59 @@ def _fsync_dir(path: Path) -> None:
         pass
 
 
-def _barrier(ps: ParallelState) -> None:
-    if ps.distributed:
-        dist.barrier()
+def _global(t: torch.Tensor, sharded: bool, ps: ParallelState):
+    """The tensor as DCP should see it: an expert shard becomes a DTensor over (dp, ep)."""
+    if not (sharded and ps.distributed and ps.ep > 1):
+        return t
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
+    return DTensor.from_local(t, ps.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def _params(model) -> dict[str, torch.nn.Parameter]:
+    return dict(model.named_parameters())
+
+
+def _model_state(model, ps: ParallelState) -> dict:
+    params = _params(model)
+    return {f"model.{k}": _global(v.detach(), k in params and is_expert(params[k]), ps)
+            for k, v in model.state_dict().items()}
+
+
+def _optim_state(model, optimizer, ps: ParallelState) -> dict:
+    out = {}
+    for name, p in _params(model).items():
+        for k, v in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(v):
+                sharded = is_expert(p) and v.shape == p.shape
+                out[f"optim.{name}.{k}"] = _global(v, sharded, ps)
+    return out
 
 
 def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: dict, keep_last: int,
          ps: ParallelState | None = None) -> Path:
     ps = ps or ParallelState()
     root = Path(ckpt_root)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".tmp_step_{step:08d}"
+    final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
     if ps.is_main:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(ps)
-    mine = tmp / f"rank{ps.rank:05d}"
-    mine.mkdir()
-    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(sd, mine / "model.safetensors")
-    torch.save(optimizer.state_dict(), mine / "optimizer.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # single-process DCP warns that it assumes one process
+        dcp.save({**_model_state(model, ps), **_optim_state(model, optimizer, ps)}, checkpoint_id=str(tmp))
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, mine / "rng.pt")
-    _fsync_dir(mine)
+    torch.save(rng, tmp / f"rng_rank{ps.rank:05d}.pt")
     if ps.is_main:
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "world": ps.world, "ep": ps.ep, **state}))
+            {"step": step, "world": ps.world, "ep": ps.ep, "scheduler": scheduler.state_dict(), **state}))
     _barrier(ps)
     if ps.is_main:
         _fsync_dir(tmp)
-        if final.exists():
-            shutil.rmtree(final)
+        shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: the step folder appears only when whole
         _fsync_dir(root)
         for old in list_checkpoints(root)[:-keep_last]:
@@ -94,24 +122,52 @@ def latest(root: str | Path, ps: ParallelState | None = None) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> dict:
+    """Optimizer state is created lazily by torch; build empty tensors of the right local shape
+    for every entry the checkpoint has, so DCP can fill them."""
+    meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    params = _params(model)
+    out = {}
+    for key, md in meta.items():
+        if not key.startswith("optim."):
+            continue
+        name, k = key[len("optim."):].rsplit(".", 1)
+        if name not in params:
+            raise ValueError(f"checkpoint {path}: optimizer state for unknown parameter {name}")
+        p = params[name]
+        shape = tuple(md.size)
+        sharded = is_expert(p) and len(shape) == p.dim() and shape[1:] == tuple(p.shape[1:]) and p.dim() > 0
+        local_shape = tuple(p.shape) if sharded else shape
+        dtype = getattr(md.properties, "dtype", None) or torch.float32
+        out[key] = _global(torch.empty(local_shape, dtype=dtype, device=p.device), sharded, ps)
+    return out
+
+
 def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = None) -> dict:
     ps = ps or ParallelState()
-    mine = path / f"rank{ps.rank:05d}"
-    needed = [path / "trainer_state.json", path / "scheduler.pt", mine / "model.safetensors",
-              mine / "optimizer.pt", mine / "rng.pt"]
-    missing = [str(n.relative_to(path)) for n in needed if not n.is_file()]
-    if missing:
-        raise ValueError(f"checkpoint {path}: missing {missing}")
+    if not (path / "trainer_state.json").is_file() or not (path / ".metadata").is_file():
+        raise ValueError(f"checkpoint {path}: incomplete (no trainer_state.json or DCP .metadata)")
     state = json.loads((path / "trainer_state.json").read_text())
-    if (state.get("world", 1), state.get("ep", 1)) != (ps.world, ps.ep):
-        raise ValueError(f"checkpoint {path} was written with world={state.get('world', 1)} "
-                         f"ep={state.get('ep', 1)}; this run has world={ps.world} ep={ps.ep}. Resume with "
-                         f"the same layout (resharding to another world size is not supported yet)")
-    model.load_state_dict(load_file(mine / "model.safetensors"), strict=True)
-    optimizer.load_state_dict(torch.load(mine / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    rng = torch.load(mine / "rng.pt", weights_only=True)
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+    sd = {**_model_state(model, ps), **_empty_optim_state(model, optimizer, path, ps)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(sd, checkpoint_id=str(path))
+    params = _params(model)
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            loaded = sd[f"model.{k}"]
+            v.copy_(loaded.to_local() if hasattr(loaded, "to_local") else loaded)
+    for key, v in sd.items():
+        if key.startswith("optim."):
+            name, k = key[len("optim."):].rsplit(".", 1)
+            optimizer.state[params[name]][k] = v.to_local() if hasattr(v, "to_local") else v
+    scheduler.load_state_dict(state.pop("scheduler"))
+    for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # param_groups are not in DCP: the scheduled lr comes from the scheduler
+    rng_file = path / f"rng_rank{ps.rank:05d}.pt"
+    if (state.get("world"), state.get("ep")) == (ps.world, ps.ep) and rng_file.is_file():
+        rng = torch.load(rng_file, weights_only=True)  # same layout: exact RNG continuation
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     return state

@@ -40,14 +40,50 @@ def test_torchrun_ep2_matches_single_process(run_setup):
         assert rb["lm_loss"] == pytest.approx(ra["lm_loss"], rel=1e-5, abs=1e-6)
         assert rb["grad_norm"] == pytest.approx(ra["grad_norm"], rel=1e-4)
         assert rb["tokens_per_expert"] == ra["tokens_per_expert"]
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     ma = AutoModelForCausalLM.from_pretrained(out + "_single/final")
     mb = AutoModelForCausalLM.from_pretrained(out + "_ep2/final")  # consolidated from 2 expert shards
     for (n, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
         assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-5), n
+    import torch.distributed.checkpoint as dcp
+
     ck = Path(out + "_ep2") / "checkpoints" / "step_00000004"
-    assert (ck / "rank00000" / "model.safetensors").exists() and (ck / "rank00001" / "optimizer.pt").exists()
-    w0 = load_file(ck / "rank00000" / "model.safetensors")
-    assert w0["model.layers.1.mlp.experts.wi_gate"].shape[0] == 2  # each rank saved its half
+    meta = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
+    assert tuple(meta["model.model.layers.1.mlp.experts.wi_gate"].size)[0] == 4  # global [E, ...] shape
+    assert tuple(meta["optim.model.layers.1.mlp.experts.wo.exp_avg"].size)[0] == 4
+
+
+def _torchrun(n, args, env):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+           str(ROOT / "train.py"), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_resume_at_another_world_size(run_setup):
+    """Save at 4 ranks (dp 2 x ep 2), resume at 2 (ep 2); save there, resume at 4 again. The
+    global batch stays 4 sequences; the loss continues as in the uninterrupted run."""
+    import shutil
+
+    out = _arg(run_setup, "--out_dir")
+    common = run_setup + ["--model_overrides.capacity_policy", "dropless", "--ep", "2",
+                          "--model_overrides.router_aux_loss_coef", "0", "--model_overrides.output_z_loss_coef", "0",
+                          "--save_every", "2", "--keep_last", "5"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENMOE_NO_TQDM="1", OMP_NUM_THREADS="1")
+    _torchrun(4, common + ["--batch_size", "1", "--steps", "4", "--out_dir", out + "_a"], env)
+    (Path(out + "_b") / "checkpoints").mkdir(parents=True)
+    shutil.copytree(Path(out + "_a") / "checkpoints" / "step_00000002", Path(out + "_b") / "checkpoints" / "step_00000002")
+    r = _torchrun(2, common + ["--batch_size", "2", "--steps", "6", "--out_dir", out + "_b", "--resume"], env)
+    assert "resumed from" in r.stdout
+    (Path(out + "_c") / "checkpoints").mkdir(parents=True)
+    shutil.copytree(Path(out + "_b") / "checkpoints" / "step_00000004", Path(out + "_c") / "checkpoints" / "step_00000004")
+    _torchrun(4, common + ["--batch_size", "1", "--steps", "6", "--out_dir", out + "_c", "--resume"], env)
+    a = {r["step"]: r["lm_loss"] for r in _metrics(out + "_a")}
+    b = {r["step"]: r["lm_loss"] for r in _metrics(out + "_b")}
+    c = {r["step"]: r["lm_loss"] for r in _metrics(out + "_c")}
+    for s in (3, 4):
+        assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a, b)
+    for s in (5, 6):
+        assert c[s] == pytest.approx(b[s], rel=1e-5), (s, b, c)

@@ -96,7 +96,7 @@ def test_nan_loss_stops_without_overwriting_checkpoint(run_setup):
     t.setup()
     t.cfg.steps = 2
     t.train()
-    ck = Path(cfg.out_dir) / "checkpoints" / "step_00000002" / "rank00000" / "model.safetensors"
+    ck = Path(cfg.out_dir) / "checkpoints" / "step_00000002" / "__0_0.distcp"
     before = ck.read_bytes()
     t.cfg.steps = 4
     with torch.no_grad():
