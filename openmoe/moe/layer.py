@@ -75,7 +75,7 @@ class MoELayer(nn.Module):
 
         active = (routing.keep_TK.numel() if mask is None
                   else int(mask.sum().item()) * self.top_k)
-        kept = plan.counts_E.sum()
-        dropped = 1.0 - kept.float() / max(active, 1)
-        stats = MoEOutput(routing.logits_TE, routing.aux_loss, routing.z_loss, plan.counts_E, dropped)
+        counts_E = routing.tokens_per_expert(self.num_experts)  # by logical expert, whatever the placement
+        dropped = 1.0 - counts_E.sum().float() / max(active, 1)
+        stats = MoEOutput(routing.logits_TE, routing.aux_loss, routing.z_loss, counts_E, dropped)
         return y_TH.view(shape), stats

@@ -7,6 +7,7 @@ dispatch, exactly as on one process, so results do not depend on the EP size.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +27,9 @@ class EPExchange:
 
 
 class AllToAllDispatcher(LocalDispatcher):
-    """Experts [rank * E_l, (rank + 1) * E_l) live on EP rank `rank`."""
+    """Physical expert slots [rank * E_l, (rank + 1) * E_l) live on EP rank `rank`;
+    `placement[e]` is the slot of logical expert e (identity until the balancer moves experts).
+    Routing stays in logical ids: only where an expert's weights live changes."""
 
     def __init__(self, group: dist.ProcessGroup, num_experts: int):
         self.group = group
@@ -35,9 +38,11 @@ class AllToAllDispatcher(LocalDispatcher):
         if num_experts % self.ep:
             raise ValueError(f"expert parallelism: {num_experts} experts do not split over ep={self.ep} ranks")
         self.local_experts = num_experts // self.ep
+        self.placement = torch.arange(num_experts)
 
     def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
-        plan = super().plan(routing, num_experts)  # sorted by global expert id
+        physical = dataclasses.replace(routing, expert_TK=self.placement.to(routing.expert_TK.device)[routing.expert_TK])
+        plan = super().plan(physical, num_experts)  # sorted by physical slot
         send_SE = plan.counts_E.view(self.ep, self.local_experts)
         recv_SE = torch.empty_like(send_SE)
         dist.all_to_all_single(recv_SE, send_SE.contiguous(), group=self.group)  # counts first

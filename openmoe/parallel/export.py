@@ -19,6 +19,11 @@ def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: Paralle
     from ..remote_code import AUTO_MAP, write_remote_code
 
     sd = model.state_dict()
+    placement = {}  # "model.layers.3.mlp." -> logical expert -> physical slot
+    for name, mod in model.named_modules():
+        disp = getattr(mod, "dispatcher", None)
+        if disp is not None and hasattr(disp, "placement"):
+            placement[name + "."] = disp.placement
     full_shapes = {}
     for name, t in sd.items():
         shape = tuple(t.shape)
@@ -43,7 +48,10 @@ def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: Paralle
             if ".mlp.experts." in name:
                 parts = [torch.empty_like(t) for _ in range(ps.ep)]
                 dist.all_gather(parts, t, group=ps.ep_group)
-                t = torch.cat(parts)
+                t = torch.cat(parts)  # physical slot order
+                prefix = name[: name.index("experts.")]
+                if prefix in placement:
+                    t = t[placement[prefix]]  # back to logical expert order
             if writer is not None:
                 writer.write(name, [t])
             del t

@@ -43,6 +43,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
+    balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
     # checkpoints and logs
     out_dir: str = "out/train"
     save_every: int = 200
@@ -51,6 +52,19 @@ class TrainConfig:
     peak_tflops: float | None = None  # for MFU; measured on this device when not given
     tensorboard: bool = True
     export_final: bool = True
+    # parameter-efficient fine-tuning (openmoe/peft): frozen base, LoRA adapter through PEFT
+    peft: str | None = None  # lora
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0  # must be 0 with router/experts targets (PEFT target_parameters)
+    lora_targets: list = field(default_factory=lambda: ["attention", "mlp", "extra_mlp", "experts"])
+    merge: bool = False  # also export out_dir/final: the adapter merged into the base
+    quantize: str | None = None  # 4bit | 8bit: QLoRA through bitsandbytes (CUDA)
+    # memory planner (openmoe/planner)
+    plan: bool = False  # print the per-rank memory plan and exit, loading nothing
+    device_memory: str | None = None  # e.g. 80GB / 24GiB: a run whose plan does not fit stops before loading
+    world: int | None = None  # ranks to plan for (default: WORLD_SIZE, else 1)
+    fsdp: int = 1  # FSDP2 shard size: planned by formula only (the trainer has no FSDP2 yet)
 
     def validate(self) -> "TrainConfig":
         def bad(key, msg):
@@ -75,8 +89,16 @@ class TrainConfig:
             bad("lr", "must be > 0")
         if self.warmup_steps < 0:
             bad("warmup_steps", "must be >= 0")
-        if not self.data:
+        if not self.data and not self.plan:  # a plan needs no data
             bad("data", "no data sources")
+        from ..peft.checks import check_peft_fields
+        from ..planner.layout import check_plan_fields
+
+        try:
+            check_peft_fields(self)
+            check_plan_fields(self)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         return self
 
 

@@ -81,6 +81,9 @@ class Trainer:
         # state for all ranks, and a run's data do not depend on how it is parallelised.
         self.data = PackedMixture(sources, self.tokenizer.encode, cfg.seq_len, cfg.batch_size * self.ps.world,
                                   cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
+        from ..parallel.balance import ExpertBalancer
+
+        self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log)
         self.step = 0
         if self.resume:
             last = ckpt.latest(self.ckpt_dir, self.ps)
@@ -91,6 +94,8 @@ class Trainer:
                     raise ConfigError(str(e)) from None
                 self.step = state["step"]
                 self.data.load_state(state["data"])
+                if state.get("placement"):
+                    self.balancer.load_state(state["placement"])
                 self.log(f"resumed from {last} at step {self.step}")
             else:
                 self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
@@ -166,6 +171,7 @@ class Trainer:
                 v = getattr(out, k)
                 agg[k] += (v.item() if v is not None else 0.0) / A
             if out.tokens_per_expert is not None:
+                self.balancer.observe(out.tokens_per_expert)
                 tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
                 dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
         sync_gradients(self.model, self.ps)
@@ -204,6 +210,14 @@ class Trainer:
                 lr = self.scheduler.get_last_lr()[0]
                 m = self.train_step()
                 self.step += 1
+                report = self.balancer.maybe_rebalance(self.step)
+                if report:
+                    self.log(f"step {self.step} | expert placement: max/mean rank load "
+                             f"{[round(r['max_over_mean_before'], 3) for r in report]} -> "
+                             f"{[round(r['max_over_mean_after'], 3) for r in report]}")
+                    if self.ps.is_main:
+                        sink.write({"step": self.step, "rank_load_before": [r["max_over_mean_before"] for r in report],
+                                    "rank_load_after": [r["max_over_mean_after"] for r in report]})
                 tokens_since += m["tokens"]
                 for k in ("loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss", "grad_norm"):
                     window[k] = window.get(k, 0.0) + m[k]
@@ -230,7 +244,8 @@ class Trainer:
                     t_last, tokens_since = time.perf_counter(), 0
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
-                              {"data": self.data.state()}, cfg.keep_last, self.ps)
+                              {"data": self.data.state(), "placement": self.balancer.state()}, cfg.keep_last,
+                              self.ps)
         finally:
             bar.close()
             sink.close()

@@ -30,11 +30,14 @@ def test_torchrun_ep2_matches_single_process(run_setup):
                              "--out_dir", out + "_single"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert single.returncode == 0, single.stderr[-2000:]
     dist = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(ROOT / "train.py"), *common, "--batch_size", "2", "--ep", "2",
+                           str(ROOT / "train.py"), *common, "--batch_size", "2", "--ep", "2", "--balance_every", "2",
                            "--out_dir", out + "_ep2"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert "world 2 = dp 1 x ep 2" in dist.stdout
     a, b = _metrics(out + "_single"), _metrics(out + "_ep2")
+    moves = [r for r in b if "rank_load_before" in r]
+    assert moves and any(x < y for r in moves for x, y in zip(r["rank_load_after"], r["rank_load_before"]))
+    b = [r for r in b if "lm_loss" in r]
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
         assert rb["lm_loss"] == pytest.approx(ra["lm_loss"], rel=1e-5, abs=1e-6)
@@ -43,7 +46,7 @@ def test_torchrun_ep2_matches_single_process(run_setup):
     from transformers import AutoModelForCausalLM
 
     ma = AutoModelForCausalLM.from_pretrained(out + "_single/final")
-    mb = AutoModelForCausalLM.from_pretrained(out + "_ep2/final")  # consolidated from 2 expert shards
+    mb = AutoModelForCausalLM.from_pretrained(out + "_ep2/final")  # consolidated, back in logical order
     for (n, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
         assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-5), n
     import torch.distributed.checkpoint as dcp

@@ -1,0 +1,175 @@
+"""Expert load balancing by moving experts between EP ranks (ColossalAI-MoE's idea).
+
+Every N steps, from the measured per-expert load, search for a placement of experts on EP
+ranks (each rank keeps E/ep slots) that minimises the most loaded rank, then move the expert
+weights and their optimizer state to their new slots. Routing is in logical expert ids and is
+untouched, so the loss is unchanged; only the all_to_all traffic and the per-rank expert work
+become even.
+
+Search: beam search over experts in decreasing load (each state a partial assignment; keep the
+`beam` states with the smallest (max rank load, sum of squared rank loads)), then pairwise
+swaps between the most loaded rank and the others while they lower the maximum.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from .expert_parallel import AllToAllDispatcher
+from .mesh import ParallelState
+
+
+def rank_loads(load_E: list[float], placement: list[int], ep: int) -> list[float]:
+    per = len(load_E) // ep
+    out = [0.0] * ep
+    for e, slot in enumerate(placement):
+        out[slot // per] += load_E[e]
+    return out
+
+
+def search_placement(load_E: list[float], ep: int, beam: int = 8) -> list[int]:
+    """placement[e] = slot of expert e, minimising the most loaded of the ep ranks."""
+    E = len(load_E)
+    per = E // ep
+    order = sorted(range(E), key=lambda e: (-load_E[e], e))
+    states = [((0.0,) * ep, (0,) * ep, ())]  # (rank loads, experts per rank, ranks chosen so far)
+    for e in order:
+        nxt = {}
+        for loads, counts, chosen in states:
+            for r in range(ep):
+                if counts[r] == per:
+                    continue
+                nl = list(loads)
+                nl[r] += load_E[e]
+                nc = list(counts)
+                nc[r] += 1
+                key = tuple(sorted(zip(nl, nc)))
+                cand = (tuple(nl), tuple(nc), chosen + (r,))
+                if key not in nxt:  # states equal up to rank relabelling: keep one
+                    nxt[key] = cand
+        states = sorted(nxt.values(), key=lambda s: (max(s[0]), sum(x * x for x in s[0])))[:beam]
+    rank_of = dict(zip(order, states[0][2]))
+    rank_of = _swap_refine(load_E, rank_of, ep)
+    placement, fill = [0] * E, [0] * ep
+    for e in range(E):  # slots inside a rank in expert order: deterministic
+        r = rank_of[e]
+        placement[e] = r * per + fill[r]
+        fill[r] += 1
+    return placement
+
+
+def _swap_refine(load_E: list[float], rank_of: dict[int, int], ep: int) -> dict[int, int]:
+    while True:
+        loads = [0.0] * ep
+        for e, r in rank_of.items():
+            loads[r] += load_E[e]
+        hi = max(range(ep), key=lambda r: loads[r])
+        best = None
+        for a in (e for e, r in rank_of.items() if r == hi):
+            for b, rb in rank_of.items():
+                if rb == hi:
+                    continue
+                d = load_E[a] - load_E[b]
+                new_max = max(loads[hi] - d, loads[rb] + d)
+                if d > 0 and new_max < loads[hi] - 1e-12 and (best is None or new_max < best[0]):
+                    best = (new_max, a, b)
+        if best is None:
+            return rank_of
+        _, a, b = best
+        rank_of[a], rank_of[b] = rank_of[b], rank_of[a]
+
+
+@torch.no_grad()
+def move_experts(tensors: list[torch.Tensor], old: list[int], new: list[int], group, ep: int, rank: int
+                 ) -> list[torch.Tensor]:
+    """Re-home each local [E_l, ...] tensor from placement `old` to `new` with one all_to_all
+    per tensor. Every rank derives the same send/receive orders from the two tables."""
+    E = len(old)
+    per = E // ep
+    old_inv = [0] * E
+    for e, s in enumerate(old):
+        old_inv[s] = e
+    # rows I send: my old slots, ordered by (destination rank, destination slot)
+    mine = [old_inv[rank * per + j] for j in range(per)]
+    send = sorted(range(per), key=lambda j: new[mine[j]])
+    send_splits = [sum(1 for j in range(per) if new[mine[j]] // per == q) for q in range(ep)]
+    # rows I receive: for each source rank, its experts coming to me, by destination slot
+    recv_slots = []
+    for q in range(ep):
+        theirs = sorted((new[old_inv[q * per + j]] for j in range(per)
+                         if new[old_inv[q * per + j]] // per == rank))
+        recv_slots += [s - rank * per for s in theirs]
+    recv_splits = [sum(1 for j in range(per) if new[old_inv[q * per + j]] // per == rank) for q in range(ep)]
+    out = []
+    for t in tensors:
+        flat = t.reshape(per, -1)[send].contiguous()
+        got = torch.empty_like(flat)
+        dist.all_to_all_single(got, flat, recv_splits, send_splits, group=group)
+        res = torch.empty_like(flat)
+        res[recv_slots] = got
+        out.append(res.view_as(t))
+    return out
+
+
+class ExpertBalancer:
+    """Accumulates per-layer expert loads; every `every` steps re-places experts."""
+
+    def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print):
+        from ..moe.layer import MoELayer
+
+        self.layers = [m for m in model.modules()
+                       if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)]
+        self.optimizer, self.ps, self.every, self.log = optimizer, ps, every, log
+        self.loads = [torch.zeros(m.num_experts, dtype=torch.float64) for m in self.layers]
+
+    def observe(self, tokens_per_expert: torch.Tensor) -> None:
+        """[MoE layers, E] kept assignments of this rank's micro-batch (logical experts)."""
+        if not self.layers or self.every <= 0:
+            return  # nothing to balance (one process, or ep = 1)
+        for i, row in enumerate(tokens_per_expert):
+            self.loads[i] += row.double().cpu()
+
+    def maybe_rebalance(self, step: int) -> list[dict] | None:
+        if not self.layers or self.every <= 0 or step % self.every:
+            return None
+        report = []
+        for layer, load in zip(self.layers, self.loads):
+            dist.all_reduce(load, group=self.ps.world_group)  # global load, same on every rank
+            disp = layer.dispatcher
+            old = disp.placement.tolist()
+            new = search_placement(load.tolist(), self.ps.ep)
+            before = rank_loads(load.tolist(), old, self.ps.ep)
+            after = rank_loads(load.tolist(), new, self.ps.ep)
+            if max(after) < max(before) - 1e-9:
+                self._move(layer, old, new)
+            else:
+                new, after = old, before
+            mean = sum(before) / len(before) or 1.0
+            report.append({"max_over_mean_before": max(before) / mean, "max_over_mean_after": max(after) / mean})
+            load.zero_()
+        return report
+
+    def _move(self, layer, old: list[int], new: list[int]) -> None:
+        ex = layer.experts
+        params = [ex.wi_gate, ex.wi_up, ex.wo]
+        tensors = [p.data for p in params]
+        states = []
+        for p in params:  # optimizer state tensors shaped like the parameter move with it
+            for k, v in self.optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape:
+                    tensors.append(v)
+                    states.append((p, k))
+        moved = move_experts(tensors, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
+        for p, t in zip(params, moved[:3]):
+            p.data.copy_(t)
+        for (p, k), t in zip(states, moved[3:]):
+            self.optimizer.state[p][k].copy_(t)
+        layer.dispatcher.placement = torch.tensor(new)
+
+    def state(self) -> list[list[int]]:
+        return [m.dispatcher.placement.tolist() for m in self.layers]
+
+    def load_state(self, placements: list[list[int]]) -> None:
+        for m, p in zip(self.layers, placements):
+            m.dispatcher.placement = torch.tensor(p)
