@@ -43,6 +43,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
+    dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
     # checkpoints and logs
     out_dir: str = "out/train"

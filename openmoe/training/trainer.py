@@ -36,7 +36,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, ps: ParallelState | None = None):
         self.cfg, self.resume = cfg, resume
         try:
-            self.ps = ps or init_distributed(cfg.ep)
+            self.ps = ps or init_distributed(cfg.ep, timeout_s=cfg.dist_timeout_s)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.log = log if self.ps.is_main else (lambda *a, **k: None)  # rank 0 speaks
@@ -198,7 +198,10 @@ class Trainer:
     def train(self) -> Path | None:
         cfg = self.cfg
         sink = MetricsSink(self.out, cfg.tensorboard and self.ps.is_main)
-        kill_at = int(os.environ.get("OPENMOE_TEST_KILL_AT_STEP", "-1"))  # test hook: SIGKILL here
+        # Test hooks: SIGKILL this process at a step (only rank OPENMOE_TEST_KILL_RANK if set).
+        kill_at = int(os.environ.get("OPENMOE_TEST_KILL_AT_STEP", "-1"))
+        if os.environ.get("OPENMOE_TEST_KILL_RANK", str(self.ps.rank)) != str(self.ps.rank):
+            kill_at = -1
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("OPENMOE_NO_TQDM") == "1" or not self.ps.is_main)
         t_last, tokens_since = time.perf_counter(), 0

@@ -90,3 +90,24 @@ def test_resume_at_another_world_size(run_setup):
         assert b[s] == pytest.approx(a[s], rel=1e-5), (s, a, b)
     for s in (5, 6):
         assert c[s] == pytest.approx(b[s], rel=1e-5), (s, b, c)
+
+
+def test_dead_rank_fails_fast_and_the_run_resumes(run_setup):
+    """Rank 1 is SIGKILLed at step 3: the job ends with an error (no hang, well within the
+    collective timeout), and --resume continues from the step-2 checkpoint to the end."""
+    import time
+
+    out = _arg(run_setup, "--out_dir")
+    args = run_setup + ["--ep", "2", "--batch_size", "2", "--steps", "4", "--dist_timeout_s", "60"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENMOE_NO_TQDM="1", OMP_NUM_THREADS="1",
+               OPENMOE_TEST_KILL_AT_STEP="3", OPENMOE_TEST_KILL_RANK="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(ROOT / "train.py"), *args]
+    t = time.time()
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert r.returncode != 0 and time.time() - t < 120
+    assert "Signals.SIGKILL" in r.stderr or "SIGKILL" in r.stderr or "exitcode" in r.stderr, r.stderr[-2000:]
+    env.pop("OPENMOE_TEST_KILL_AT_STEP")
+    r = _torchrun(2, args + ["--resume"], env)
+    assert "resumed from" in r.stdout and "step_00000002" in r.stdout
+    assert (Path(out) / "final" / "config.json").exists()
