@@ -1,6 +1,6 @@
-"""One consolidated HF folder from an expert-parallel model, streamed: each expert tensor is
-gathered over its EP group and appended to the current safetensors shard on rank 0, then
-dropped; no rank ever holds the whole model's experts at once."""
+"""One consolidated HF folder from a distributed model, streamed: each tensor is gathered
+(FSDP shards over all ranks, experts over their EP group) and appended to the current
+safetensors shard on rank 0, then dropped; no rank ever holds the whole model at once."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.distributed as dist
 from .mesh import ParallelState
 
 
-def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: ParallelState,
+def export_distributed(model, tokenizer, out: str | os.PathLike, ps: ParallelState,
                            max_shard: str = "2GB") -> None:
     from ..checkpoint.shards import TensorSpec, ShardWriter, output_folder, parse_size, plan_shards
     from ..remote_code import AUTO_MAP, write_remote_code
@@ -26,8 +26,8 @@ def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: Paralle
             placement[name + "."] = disp.placement
     full_shapes = {}
     for name, t in sd.items():
-        shape = tuple(t.shape)
-        if ".mlp.experts." in name:
+        shape = tuple(t.shape)  # a DTensor reports its global shape
+        if ".mlp.experts." in name and ps.ep > 1:
             shape = (shape[0] * ps.ep, *shape[1:])
         full_shapes[name] = shape
     names = sorted(sd)
@@ -38,14 +38,15 @@ def export_expert_parallel(model, tokenizer, out: str | os.PathLike, ps: Paralle
             import shutil
 
             shutil.rmtree(out)  # the trainer's own export folder from an earlier run
-        specs = [TensorSpec(n, full_shapes[n], sd[n].dtype) for n in names]
+        specs = [TensorSpec(n, full_shapes[n], sd[n].dtype) for n in names]  # dtype: a DTensor's too
         ctx = output_folder(out)
         folder = ctx.__enter__()
         writer = ShardWriter(folder, plan_shards(specs, parse_size(max_shard)))
     try:
         for name in names:
-            t = sd[name].detach().contiguous().cpu()
-            if ".mlp.experts." in name:
+            t = sd[name].detach()
+            t = (t.full_tensor() if hasattr(t, "full_tensor") else t).contiguous().cpu()
+            if ".mlp.experts." in name and ps.ep > 1:
                 parts = [torch.empty_like(t) for _ in range(ps.ep)]
                 dist.all_gather(parts, t, group=ps.ep_group)
                 t = torch.cat(parts)  # physical slot order

@@ -32,12 +32,17 @@ def _allreduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
         g.copy_(synced)
 
 
+def is_sharded(t: torch.Tensor) -> bool:
+    """A DTensor (FSDP2-managed): FSDP already reduced its gradient."""
+    return hasattr(t, "to_local")
+
+
 def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
     if not ps.distributed:
         return
     dense, experts = [], []
     for p in model.parameters():
-        if p.grad is None:
+        if p.grad is None or is_sharded(p):
             continue
         (experts if is_expert(p) else dense).append(p.grad)
     _allreduce_sum(dense, ps.world_group, 1.0 / ps.world)
@@ -46,14 +51,19 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
     """Clip by the norm of the whole (sharded) gradient: replicated parts counted once, each
-    expert once (summed over the EP group). Returns the total norm."""
+    expert once (summed over the EP group), FSDP shards summed over all ranks. Returns the
+    total norm."""
     dense_sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
+    fsdp_sq = torch.zeros((), dtype=torch.float64)
     grads = []
     for p in model.parameters():
         if p.grad is None:
             continue
         grads.append(p.grad)
+        if is_sharded(p.grad):
+            fsdp_sq += p.grad.to_local().detach().double().pow(2).sum().cpu()
+            continue
         sq = p.grad.detach().double().pow(2).sum().cpu()
         if is_expert(p):
             expert_sq += sq
@@ -61,10 +71,12 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -
             dense_sq += sq
     if ps.distributed and ps.ep > 1:
         dist.all_reduce(expert_sq, group=ps.ep_group)
-    total = (dense_sq + expert_sq).sqrt().float()
+    if ps.distributed and any(is_sharded(p) for p in model.parameters()):  # same on every rank
+        dist.all_reduce(fsdp_sq, group=ps.world_group)
+    total = (dense_sq + expert_sq + fsdp_sq).sqrt().float()
     if max_norm > 0 and torch.isfinite(total):
         coef = max_norm / (total + 1e-6)
         if coef < 1:
             for g in grads:
-                g.mul_(coef.to(g.device))
+                (g.to_local() if is_sharded(g) else g).mul_(float(coef))
     return total

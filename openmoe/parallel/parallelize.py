@@ -9,9 +9,10 @@ from .expert_parallel import shard_experts
 from .mesh import ParallelState
 
 
-def parallelize(model: torch.nn.Module, ps: ParallelState) -> torch.nn.Module:
-    """Shard experts over the EP group and give replicated parameters the same initial values on
-    every rank (broadcast from rank 0), so a run does not depend on per-rank seeds."""
+def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool = False,
+                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """Give every rank rank 0's initial values (broadcast), shard experts over the EP group,
+    and with fsdp=True shard the other parameters over all ranks with FSDP2."""
     if not ps.distributed:
         return model
     import torch.distributed as dist
@@ -21,4 +22,8 @@ def parallelize(model: torch.nn.Module, ps: ParallelState) -> torch.nn.Module:
     if ps.ep > 1:
         if shard_experts(model, ps.ep_group) == 0:
             raise ValueError("ep > 1 but the model has no MoE layer")
+    if fsdp:
+        from .fsdp import apply_fsdp
+
+        apply_fsdp(model, ps, param_dtype)
     return model

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from ..parallel.grads import is_expert
+from ..parallel.grads import is_expert, is_sharded
 from ..parallel.mesh import ParallelState
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -136,9 +136,12 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> dict:
             raise ValueError(f"checkpoint {path}: optimizer state for unknown parameter {name}")
         p = params[name]
         shape = tuple(md.size)
+        dtype = getattr(md.properties, "dtype", None) or torch.float32
+        if is_sharded(p) and shape == tuple(p.shape):  # FSDP2 parameter: state sharded like it
+            out[key] = torch.zeros_like(p, dtype=dtype)
+            continue
         sharded = is_expert(p) and len(shape) == p.dim() and shape[1:] == tuple(p.shape[1:]) and p.dim() > 0
         local_shape = tuple(p.shape) if sharded else shape
-        dtype = getattr(md.properties, "dtype", None) or torch.float32
         out[key] = _global(torch.empty(local_shape, dtype=dtype, device=p.device), sharded, ps)
     return out
 
@@ -153,14 +156,18 @@ def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = Non
         warnings.simplefilter("ignore")
         dcp.load(sd, checkpoint_id=str(path))
     params = _params(model)
-    with torch.no_grad():
+    with torch.no_grad():  # DCP loads in place; copy only where a view did not share storage
         for k, v in model.state_dict().items():
             loaded = sd[f"model.{k}"]
-            v.copy_(loaded.to_local() if hasattr(loaded, "to_local") else loaded)
+            dst = v.to_local() if is_sharded(v) else v
+            src = loaded.to_local() if is_sharded(loaded) else loaded
+            if dst.data_ptr() != src.data_ptr():
+                dst.copy_(src)
     for key, v in sd.items():
         if key.startswith("optim."):
             name, k = key[len("optim."):].rsplit(".", 1)
-            optimizer.state[params[name]][k] = v.to_local() if hasattr(v, "to_local") else v
+            p = params[name]
+            optimizer.state[p][k] = v if is_sharded(p) else (v.to_local() if is_sharded(v) else v)
     scheduler.load_state_dict(state.pop("scheduler"))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # param_groups are not in DCP: the scheduled lr comes from the scheduler

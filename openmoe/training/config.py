@@ -65,7 +65,7 @@ class TrainConfig:
     plan: bool = False  # print the per-rank memory plan and exit, loading nothing
     device_memory: str | None = None  # e.g. 80GB / 24GiB: a run whose plan does not fit stops before loading
     world: int | None = None  # ranks to plan for (default: WORLD_SIZE, else 1)
-    fsdp: int = 1  # FSDP2 shard size: planned by formula only (the trainer has no FSDP2 yet)
+    fsdp: int = 1  # FSDP2 shard size: 1 (off) or the world size (non-expert params sharded over all ranks)
 
     def validate(self) -> "TrainConfig":
         def bad(key, msg):

@@ -67,7 +67,11 @@ class Trainer:
             self.tokenizer = TextTokenizer(tok_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.model = parallelize(self._build_model().to(self.device), self.ps)
+        if cfg.fsdp > 1 and cfg.fsdp != self.ps.world:
+            raise ConfigError(f"fsdp={cfg.fsdp}: the trainer shards over all ranks (fsdp = world = {self.ps.world}) "
+                              f"or not at all (fsdp = 1); hybrid sharding groups are not implemented")
+        self.model = parallelize(self._build_model().to(self.device), self.ps, fsdp=cfg.fsdp > 1,
+                                 param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None)
         if cfg.freeze:
             freeze(self.model, cfg.freeze)
         if cfg.activation_checkpointing:
@@ -257,10 +261,10 @@ class Trainer:
     def export(self) -> Path:
         """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""
         final, tmp = self.out / "final", self.out / ".tmp_final"
-        if self.ps.ep > 1:
-            from ..parallel.export import export_expert_parallel
+        if self.ps.distributed and (self.ps.ep > 1 or self.cfg.fsdp > 1):
+            from ..parallel.export import export_distributed
 
-            export_expert_parallel(self.model, self.tokenizer.hf, final, self.ps)
+            export_distributed(self.model, self.tokenizer.hf, final, self.ps)
             self.log(f"exported HF folder: {final}")
             return final
         if not self.ps.is_main:
