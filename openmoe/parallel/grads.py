@@ -49,6 +49,11 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
     _allreduce_sum(experts, ps.dp_group, 1.0 / ps.world)
 
 
+def _sq_norm(g: torch.Tensor) -> torch.Tensor:
+    # the norm in the gradient's own precision (one pass, no float64 copy), squared in float64
+    return torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().cpu() ** 2
+
+
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
     """Clip by the norm of the whole (sharded) gradient: replicated parts counted once, each
     expert once (summed over the EP group), FSDP shards summed over all ranks. Returns the
@@ -62,9 +67,9 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -
             continue
         grads.append(p.grad)
         if is_sharded(p.grad):
-            fsdp_sq += p.grad.to_local().detach().double().pow(2).sum().cpu()
+            fsdp_sq += _sq_norm(p.grad.to_local())
             continue
-        sq = p.grad.detach().double().pow(2).sum().cpu()
+        sq = _sq_norm(p.grad)
         if is_expert(p):
             expert_sq += sq
         else:
