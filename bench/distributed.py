@@ -8,6 +8,7 @@ Each layout runs in its own torchrun launch of this file (`--worker`). Breakdown
   attention  forward+backward of the attention blocks (timed by module hooks around forward,
              backward estimated as 2x forward, as for the GEMMs)
   experts    expert GEMMs (same estimate)
+  dense MLP  OpenMoE's extra dense MLP after each MoE layer (same estimate; Mixtral has none)
   all2all    the dispatch/combine exchanges, forward and backward (measured)
   reduce     gradient reduction and clipping (measured)
   other      the rest of the step (routing, norms, embedding, lm_head, optimizer)
@@ -64,6 +65,8 @@ def worker(args) -> None:
     for layer in model.model.layers:
         timers.wrap_forward(layer.self_attn, "attention")
         timers.wrap_forward(layer.mlp.experts, "experts")
+        if hasattr(layer, "extra_mlp"):
+            timers.wrap_forward(layer.extra_mlp, "dense_mlp")
     a2a_orig = epmod.a2a
 
     def timed_a2a(*a, **k):  # forward exchange; its backward is another a2a, timed by autograd hook
@@ -101,6 +104,7 @@ def worker(args) -> None:
     t = {k: v / args.steps for k, v in timers.t.items() if k != "a2a_bwd_marks"}
     # forward GEMM-bound parts: backward costs about twice the forward
     res = {"step": total, "attention": 3 * t.get("attention", 0.0), "experts": 3 * t.get("experts", 0.0),
+           "dense_mlp": 3 * t.get("dense_mlp", 0.0),
            "all2all": 2 * t.get("all2all", 0.0), "reduce": t.get("reduce", 0.0)}
     res["other"] = max(0.0, total - sum(v for k, v in res.items() if k != "step"))
     vals = torch.tensor([res[k] for k in sorted(res)], dtype=torch.float64)
@@ -175,8 +179,8 @@ def main(argv=None):
     print(describe_machine())
     print(f"shapes: {args.layers} layers (all MoE), H 768, I 2048, E 16 top-2, t5x routing, global batch "
           f"{args.global_batch} x {args.seq}, gloo on CPU, OMP threads 2/ranks\n")
-    print("| layout | s/step | attention | experts | all2all | reduce | other | HF Mixtral EP s/step |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| layout | s/step | attention | experts | extra dense MLP | all2all | reduce | other | HF Mixtral EP s/step |")
+    print("|---|---|---|---|---|---|---|---|---|")
     base = None
     for n in [int(x) for x in args.ranks.split(",")]:
         res = {}
@@ -195,7 +199,8 @@ def main(argv=None):
         base = base or o["step"]
         hf = f"{h['step']:.2f}" if "step" in h else f"n/a ({h.get('error', '?')[:80]})"
         print(f"| {n} rank(s), ep {n} | {o['step']:.2f} ({o['step'] / base:.2f}x) | {o['attention']:.2f} | "
-              f"{o['experts']:.2f} | {o['all2all']:.3f} | {o['reduce']:.3f} | {o['other']:.2f} | {hf} |", flush=True)
+              f"{o['experts']:.2f} | {o['dense_mlp']:.2f} | {o['all2all']:.3f} | {o['reduce']:.3f} | {o['other']:.2f} | "
+              f"{hf} |", flush=True)
 
 
 if __name__ == "__main__":
