@@ -214,7 +214,9 @@ def route(
         raise ValueError(f"capacity policy {policy.name!r}: choose t5x, colossalai or dropless")
 
     active_TK = mask_T[:, None].expand(T, top_k)
-    if capacity is None:
+    if capacity is None or capacity >= T // num_groups:
+        # A token picks an expert at most once, so a queue never exceeds the group's token count:
+        # nothing can drop (always the case at decode, where groups hold one token).
         keep_TK = active_TK.clone()
     else:
         pos_TK = queue_positions(expert_TK, group_T, active_TK, E, num_groups)

@@ -154,3 +154,15 @@ def test_norm_topk_prob_renormalises():
     logits = torch.randn(1, 6, 4)
     r = route(logits, 2, CapacityPolicy("dropless"), training=False, norm_topk_prob=True)
     assert torch.allclose(r.weight_TK.sum(-1), torch.ones(6))
+
+
+def test_capacity_at_least_group_size_keeps_all_without_sorting(monkeypatch):
+    import openmoe.moe.router as R
+
+    def boom(*a, **k):
+        raise AssertionError("queue_positions should not run when nothing can drop")
+
+    monkeypatch.setattr(R, "queue_positions", boom)
+    logits = torch.randn(1, 16, 4)
+    r = R.route(logits, 2, CapacityPolicy("t5x", capacity_factor_eval=2.0, min_capacity=4), training=False)
+    assert r.capacity >= 16 // r.num_groups and r.keep_TK.all()
