@@ -4,26 +4,30 @@
 
 Order of work, so that bad input fails before anything is written: index the checkpoint (msgpack
 structure and every `.zarray`), settle the config (inferred from shapes, or given and checked),
-load the tokenizer; only then stream: read one parameter, map and transpose it, append it to the
-current shard. Everything lands in a temporary folder that is renamed into place at the end.
+load the tokenizer; only then stream: read a parameter, map and transpose it, append it to the
+current shard (the next parameter is read meanwhile). Everything lands in a temporary folder
+that is renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..configuration_openmoe import OpenMoeConfig
 from .errors import CheckpointError
 from .infer_config import config_problems, expected_shapes, format_problems, infer_config, load_config
-from .keymap import TRANSPOSE, to_hf
+from .keymap import TRANSPOSE, hf_shape, to_hf
 from .shards import ShardWriter, TensorSpec, check_output_free, output_folder, parse_size, plan_shards
 from .t5x import T5XCheckpoint
 
@@ -65,8 +69,7 @@ def plan(ckpt: T5XCheckpoint, cfg: OpenMoeConfig, dtype: torch.dtype) -> list[It
         if not param.dtype.is_floating_point:
             raise CheckpointError(f"{t5x_name}: dtype {param.dtype} in {param.source} is not a float")
         hf_name, op = to_hf(t5x_name)
-        shape = tuple(reversed(param.shape)) if op == TRANSPOSE else param.shape
-        items.append(Item(hf_name, t5x_name, op, TensorSpec(hf_name, shape, dtype)))
+        items.append(Item(hf_name, t5x_name, op, TensorSpec(hf_name, hf_shape(param.shape, op), dtype)))
     return items
 
 
@@ -80,7 +83,7 @@ def blocks(t: torch.Tensor, op: str, dtype: torch.dtype) -> Iterator[torch.Tenso
     row_bytes = max(1, src[0].numel() * max(src.element_size(), dtype.itemsize))
     step = max(1, _BLOCK_BYTES // row_bytes)
     for r in range(0, src.shape[0], step):
-        yield src[r:r + step].to(dtype=dtype, memory_format=torch.contiguous_format)
+        yield src[r:r + step].to(dtype).contiguous()  # (.to alone keeps a transposed view)
 
 
 def load_tokenizer(spm_file: str, vocab_size: int, extra_ids: int = UMT5_EXTRA_IDS):
@@ -117,6 +120,7 @@ def write_metadata(folder: Path, cfg: OpenMoeConfig, dtype: torch.dtype) -> None
     from ..generation.chat import STOP_TEXT
     from ..remote_code import AUTO_MAP, write_remote_code
 
+    cfg = copy.deepcopy(cfg)  # the caller's config object stays as it was
     cfg.architectures = ["OpenMoeForCausalLM"]
     cfg.auto_map = dict(AUTO_MAP)
     cfg.dtype = dtype
@@ -159,19 +163,32 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
 
 def _stream(ckpt: T5XCheckpoint, items: list[Item], writer: ShardWriter, workers: int,
             progress: bool | None) -> None:
+    """Read parameter k+1 (in a thread: file reads, zlib and numpy copies release the GIL)
+    while parameter k is transposed and written: two source-sized buffers in memory."""
     from tqdm.auto import tqdm
 
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                disable=(not progress) if progress is not None else None)
-    try:
-        for k, it in enumerate(items, 1):
-            t = ckpt.read(it.t5x, workers)
-            writer.write(it.hf, blocks(t, it.op, it.spec.dtype))
-            del t  # before the next read: one source tensor in memory at a time
-            bar.set_postfix_str(f"{k}/{len(items)} params", refresh=False)
-            bar.update(it.spec.nbytes)
-        writer.finish()
-    finally:
-        writer.abort()
-        bar.close()
+    # Two buffers in turn: parameter k+1 is read into one while k is written from the other.
+    size = max((ckpt.params[it.t5x].nbytes for it in items), default=0)
+    buffers = [np.empty(size, np.uint8), np.empty(size, np.uint8)]
+    with ThreadPoolExecutor(1) as reader:
+        def read(k: int):
+            return reader.submit(ckpt.read, items[k].t5x, workers, buffers[k % 2]) if k < len(items) else None
+
+        pending = read(0)
+        try:
+            for k, it in enumerate(items):
+                t = pending.result()
+                pending = read(k + 1)  # into the other buffer: `t` stays valid while written
+                writer.write(it.hf, blocks(t, it.op, it.spec.dtype))
+                del t
+                bar.set_postfix_str(f"{k + 1}/{len(items)} params", refresh=False)
+                bar.update(it.spec.nbytes)
+            writer.finish()
+        finally:
+            if pending is not None:
+                pending.cancel()
+            writer.abort()
+            bar.close()

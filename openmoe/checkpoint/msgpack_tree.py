@@ -7,7 +7,8 @@ values, tensorstore spec maps, or `{'__msgpack_chunked_array__': True, 'shape': 
 
 We never unpack the whole file: a small structural scanner walks the msgpack headers over an
 mmap, records the byte range of every leaf under the subtree we want, and jumps over everything
-else (the optimizer state) without touching its bytes. A leaf is decoded only when asked for.
+else (the optimizer state) without reading its payloads. msgpack.Unpacker.skip() would not do:
+it buffers each skipped object whole. A leaf is decoded (with msgpack) only when asked for.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def is_spec_keys(keys) -> bool:
     """A map with a 'driver' plus a 'kvstore' or (older tensorstore) a 'path' is a tensorstore
     spec: a leaf, not a subtree of parameters."""
     return "driver" in keys and ("kvstore" in keys or "path" in keys)
+
 
 # Fixed-size msgpack headers: first byte -> (struct format of the length/value, kind).
 _SIZED = {

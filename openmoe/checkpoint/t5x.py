@@ -20,6 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -131,13 +132,14 @@ class T5XCheckpoint:
             rel = rel.lstrip("/")  # a bucket-relative path: relative to the checkpoint folder
         return self.folder / rel  # an absolute path stays absolute
 
-    def read(self, name: str, workers: int = 1) -> torch.Tensor:
-        """One parameter as a torch tensor (float32, bfloat16, ... as stored)."""
+    def read(self, name: str, workers: int = 1, buffer: np.ndarray | None = None) -> torch.Tensor:
+        """One parameter as a torch tensor (float32, bfloat16, ... as stored). A zarr array is
+        read into `buffer` (uint8, at least its nbytes) when given: the result is a view of it."""
         p = self.params.get(name)
         if p is None:
             raise CheckpointError(f"{name}: no such parameter in {self.file}")
         if p.array is not None:
-            return p.array.read(workers)
+            return p.array.read(workers, buffer)
         value = self._tree.decode(p.leaf)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != p.shape:
             raise CheckpointError(f"{name}: inline array in {self.file} is malformed")

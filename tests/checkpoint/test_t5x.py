@@ -59,7 +59,7 @@ def test_kvstore_drivers_resolve_relative_to_the_folder(tmp_path, kvstore):
         assert torch.equal(t, params[name])
 
 
-def _single_param_checkpoint(tmp_path, spec, t, version=3):
+def _single_param_checkpoint(tmp_path, spec, version=3):
     folder = tmp_path / "c"
     folder.mkdir(exist_ok=True)
     root = {"version": version, "optimizer": {"target": {"w": spec}}}
@@ -78,7 +78,7 @@ def test_older_spec_forms(tmp_path):
         {"driver": "zarr", "kvstore": "file://" + str(tmp_path / "c" / "target.w") + "/"},
     ]
     for spec in forms:
-        folder = _single_param_checkpoint(tmp_path, spec, t)
+        folder = _single_param_checkpoint(tmp_path, spec)
         (name, got), = list(iter_params(folder))
         assert name == "w" and torch.equal(got, t), spec
 
@@ -88,7 +88,7 @@ def test_plain_flax_root_and_versions(tmp_path):
     f.mkdir()
     (f / "checkpoint").write_bytes(msgpack.packb({"target": {"w": ndarray_ext(torch.ones(3))}}))
     assert [n for n, _ in iter_params(f)] == ["w"]  # version 0: the root is the optimizer
-    _single_param_checkpoint(tmp_path, ndarray_ext(torch.ones(3)), None, version=1)
+    _single_param_checkpoint(tmp_path, ndarray_ext(torch.ones(3)), version=1)
     with pytest.raises(CheckpointError, match=r"checkpoint: checkpoint version 1 is not supported"):
         T5XCheckpoint(f)
 
@@ -113,10 +113,10 @@ def test_zarray_shape_differing_from_the_spec_is_named(ckpt_dir):
 
 
 def test_leaf_that_is_not_an_array_is_named(tmp_path):
-    folder = _single_param_checkpoint(tmp_path, "hello", None)
+    folder = _single_param_checkpoint(tmp_path, "hello")
     with pytest.raises(CheckpointError, match=r"^w: not an array \(a str\) in .*checkpoint"):
         T5XCheckpoint(folder)
-    folder = _single_param_checkpoint(tmp_path, {"driver": "zarr", "kvstore": {"driver": "s3", "path": "x"}}, None)
+    folder = _single_param_checkpoint(tmp_path, {"driver": "zarr", "kvstore": {"driver": "s3", "path": "x"}})
     with pytest.raises(CheckpointError, match=r"^w: kvstore driver 's3'"):
         T5XCheckpoint(folder)
 
