@@ -334,14 +334,15 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden).float()  # logits in float32, as the original
 
         moe = out.moe_outputs
-        aux = torch.stack([m.aux_loss for m in moe]).mean() if moe else None
-        router_z = torch.stack([m.z_loss for m in moe]).mean() if moe else None
+        with_losses = [m for m in moe if m.aux_loss is not None]  # none under no_grad in eval
+        aux = torch.stack([m.aux_loss for m in with_losses]).mean() if with_losses else None
+        router_z = torch.stack([m.z_loss for m in with_losses]).mean() if with_losses else None
         loss = lm_loss = output_z = None
         if labels is not None:
             lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
             output_z = _output_z_loss(logits, labels)
             loss = lm_loss + cfg.output_z_loss_coef * output_z
-            if moe:
+            if aux is not None:
                 loss = loss + cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * router_z
         result = OpenMoeCausalLMOutputWithPast(
             loss=loss, aux_loss=aux, logits=logits, cache=out.cache, hidden_states=out.hidden_states,

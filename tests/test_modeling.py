@@ -242,3 +242,16 @@ def test_device_map_auto_loads(tiny, tmp_path):
     m2 = AutoModelForCausalLM.from_pretrained(tmp_path, device_map="auto")  # _no_split_modules
     ids = ids_batch(1, 5)
     assert torch.allclose(m(ids).logits, m2(ids).logits.to("cpu"))
+
+
+def test_router_losses_skipped_only_at_inference(tiny):
+    m = make_model(tiny(capacity_policy="dropless"))
+    ids = ids_batch(1, 6)
+    assert m(ids).aux_loss is not None  # eval, grad enabled (e.g. an eval loss with backward)
+    with torch.no_grad():
+        out = m(ids, labels=ids)
+        assert out.aux_loss is None and out.router_z_loss is None
+        assert torch.allclose(out.loss, out.lm_loss + m.config.output_z_loss_coef * out.output_z_loss)
+    m.train()
+    with torch.no_grad():
+        assert m(ids).aux_loss is not None  # training mode always reports them

@@ -19,8 +19,8 @@ from .router import CapacityPolicy, Routing, route
 @dataclass
 class MoEOutput:
     router_logits: torch.Tensor  # [T, E] float32
-    aux_loss: torch.Tensor  # load-balance loss of this layer
-    z_loss: torch.Tensor  # router z-loss of this layer
+    aux_loss: torch.Tensor | None  # load-balance loss of this layer (None under no_grad in eval)
+    z_loss: torch.Tensor | None  # router z-loss of this layer (same)
     tokens_per_expert: torch.Tensor  # [E] kept assignments
     dropped_fraction: torch.Tensor  # dropped / routed assignments (padding excluded)
 
@@ -55,8 +55,10 @@ class MoELayer(nn.Module):
         return x @ self.gate_weight.float().t()  # router in float32
 
     def route(self, x_BSH: torch.Tensor, token_mask_BS: torch.Tensor | None = None) -> Routing:
+        # The losses only matter when something can learn from them (or in training mode).
         return route(self.router_logits(x_BSH), self.top_k, self.capacity, self.training,
-                     token_mask_BS, self.norm_topk_prob)
+                     token_mask_BS, self.norm_topk_prob,
+                     compute_losses=self.training or torch.is_grad_enabled())
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MoEOutput]:

@@ -32,8 +32,8 @@ class Routing:
     group_T: torch.Tensor  # long, routing group of each token
     num_groups: int
     capacity: int | None  # per expert per group; None for dropless
-    aux_loss: torch.Tensor  # load-balance loss (Switch form, per group, averaged)
-    z_loss: torch.Tensor  # router z-loss: mean(logsumexp(logits)^2)
+    aux_loss: torch.Tensor | None  # load-balance loss (Switch form, per group, averaged)
+    z_loss: torch.Tensor | None  # router z-loss: mean(logsumexp(logits)^2); None when not computed
 
     def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
         """Kept assignments per expert, shape [E]."""
@@ -173,6 +173,7 @@ def route(
     training: bool,
     token_mask_BS: torch.Tensor | None = None,
     norm_topk_prob: bool = False,
+    compute_losses: bool = True,
 ) -> Routing:
     """Route a [B, S, E] block of router logits (float32). token_mask 0 marks padding: such tokens
     take no expert slot and no part in the losses; their weights are 0."""
@@ -224,9 +225,11 @@ def route(
 
     # Losses see every routed token of the group, the t5x zero tokens included (as in Jax),
     # but not tokens masked as padding.
-    w_T = mask_T.float()
-    aux = load_balance_loss(probs_TE, expert_TK, group_T, w_T, num_groups)
-    z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
+    aux = z = None
+    if compute_losses:  # skipped at inference: a dozen small ops per layer and decode step
+        w_T = mask_T.float()
+        aux = load_balance_loss(probs_TE, expert_TK, group_T, w_T, num_groups)
+        z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
 
     def real(t):  # drop the t5x zero tokens by slicing (no boolean-mask host sync)
         return t.reshape(Bp, Sp, *t.shape[1:])[:B, :S].reshape(B * S, *t.shape[1:])
