@@ -4,6 +4,7 @@
     python infer.py MODEL_DIR --chat --system "You are helpful." --prompt "Hi!"
     python infer.py MODEL_DIR --chat                 # interactive multi-turn (stdin a terminal)
     python infer.py MODEL_DIR --input prompts.jsonl --output out.jsonl   # batch, left-padded
+    python infer.py BASE_DIR --adapter ADAPTER_DIR --prompt "..."        # with a LoRA adapter (PEFT format)
 
 Works on folders from save_pretrained, train.py, convert_jax_checkpoint.py and the published
 ColossalAI-layout checkpoints. Stops on eos and on `</s>` spelled as text.
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     ap.add_argument("--attn-implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     ap.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s")
+    ap.add_argument("--adapter", help="LoRA adapter folder (PEFT format, from train.py --peft lora) to apply")
     args = ap.parse_args(argv)
     if args.dtype == "float16":
         ap.error("--dtype float16: OpenMoE degrades in fp16 (activations overflow); use bfloat16 or float32")
@@ -53,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"MODEL_DIR {args.model_dir!r}: no such folder")
     if not (Path(args.model_dir) / "config.json").is_file():
         ap.error(f"MODEL_DIR {args.model_dir!r}: no config.json in it")
+    if args.adapter and not (Path(args.adapter) / "adapter_config.json").is_file():
+        ap.error(f"--adapter {args.adapter!r}: no adapter_config.json in it")
     if args.input and args.prompt:
         ap.error("give --prompt or --input, not both")
     return args
@@ -78,6 +82,14 @@ def load(args):
         kw["device_map"] = "auto"
     # OpenMoeForCausalLM also reads the ColossalAI layout (model_type "llama").
     model = OpenMoeForCausalLM.from_pretrained(args.model_dir, **kw).eval()
+    if args.adapter:  # LoRA through PEFT, experts on the grouped-GEMM path (openmoe/peft)
+        from openmoe.peft import load_adapter
+
+        try:
+            load_adapter(model, args.adapter)
+        except ValueError as e:
+            raise SystemExit(f"infer.py: {e}") from None
+        model.eval()
     if args.device == "cuda":
         model = model.to("cuda")
     return model, tokenizer

@@ -1,6 +1,7 @@
 """Pre-train or fine-tune OpenMoE.
 
     python train.py --config configs/train/tiny_demo.yaml [--key value ...] [--resume]
+    python train.py --config ... --plan [--device_memory 80GB]   # memory plan per rank; loads nothing
 
 Every key of the YAML (see openmoe/training/config.py: TrainConfig) can be overridden with
 `--key value`, model config fields with `--model_overrides.NAME value`.
@@ -17,7 +18,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help="training YAML")
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
+    ap.add_argument("--plan", nargs="?", const="true", default=None,
+                    help="print the per-rank memory plan of this run and exit (same as --plan true)")
     args, rest = ap.parse_known_args(argv)
+    if args.plan is not None:
+        rest = rest + ["--plan", args.plan]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
     from openmoe.data import DataError
@@ -25,6 +30,14 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, rest)
+        if cfg.plan:  # from the model config on the meta device: no weights, no data
+            from openmoe.planner.cli import plan_text
+
+            try:
+                print(plan_text(cfg)[0])
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+            return 0
         trainer = Trainer(cfg, resume=args.resume)
         trainer.setup()
         trainer.train()

@@ -36,10 +36,18 @@ def _grouped_mm_fn() -> Callable | None:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
+def compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
+    """grouped_mm is not autocast-aware: under autocast use its dtype (as torch.matmul would),
+    else the weights' dtype."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return w.dtype
+
+
 def grouped_mm(x_NH: torch.Tensor, w_EHO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     fn = _grouped_mm_fn()
-    # grouped_mm is not autocast-aware: run in the weights' dtype, like HF's integration.
-    return _contiguous_grad(fn(x_NH.to(w_EHO.dtype), w_EHO, offs=offs_E))
+    dt = compute_dtype(x_NH, w_EHO)
+    return _contiguous_grad(fn(x_NH.to(dt), w_EHO.to(dt), offs=offs_E))
 
 
 def experts_grouped_mm(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -72,7 +80,7 @@ def register_expert_backend(name: str, fn: Callable) -> None:
     EXPERT_BACKENDS[name] = fn
 
 
-def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """The kernel exists for this device, and every operand's rows are 16-byte aligned (its
     requirement: hidden and intermediate sizes that are multiples of 8 for bf16, 4 for fp32)."""
     if _grouped_mm_fn() is None:
@@ -81,7 +89,7 @@ def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor) -> bool:
         return False
     if x.device.type not in ("cpu", "cuda"):
         return False
-    size = weights[0].element_size()
+    size = (dtype or weights[0].dtype).itemsize
     dims = [x.shape[-1]] + [d for w in weights for d in w.shape[-2:]]
     return all(d * size % 16 == 0 for d in dims)
 
@@ -103,7 +111,8 @@ class OpenMoeExperts(nn.Module):
         name = self.implementation
         if name not in EXPERT_BACKENDS:
             raise ValueError(f"unknown experts implementation {name!r}; have {sorted(EXPERT_BACKENDS)}")
-        if name == "grouped_mm" and not grouped_mm_available(x_NH, self.wi_gate, self.wi_up, self.wo):
+        dt = compute_dtype(x_NH, self.wi_gate)
+        if name == "grouped_mm" and not grouped_mm_available(x_NH, self.wi_gate, self.wi_up, self.wo, dtype=dt):
             # Same math, another kernel: the loop is the reference implementation.
             name = "eager"
         return EXPERT_BACKENDS[name](self, x_NH, counts_E)

@@ -52,7 +52,8 @@ class MoELayer(nn.Module):
         if self.training and self.jitter_noise > 0:
             # Switch-style multiplicative jitter on the router input, training only.
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        return x @ self.gate_weight.float().t()  # router in float32
+        with torch.autocast(x.device.type, enabled=False):  # the router stays float32 under autocast
+            return x @ self.gate_weight.float().t()
 
     def route(self, x_BSH: torch.Tensor, token_mask_BS: torch.Tensor | None = None) -> Routing:
         # The losses only matter when something can learn from them (or in training mode).

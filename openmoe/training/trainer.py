@@ -59,6 +59,9 @@ class Trainer:
         if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
             raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
                               f"or choose another --out_dir")
+        from ..peft.training import preflight
+
+        preflight(cfg, self.device, self.ps.world)  # QLoRA requirements, the memory plan: before loading
         torch.manual_seed(cfg.seed)
         tok_path = cfg.tokenizer or cfg.init_from
         if tok_path is None:
@@ -72,6 +75,10 @@ class Trainer:
                               f"or not at all (fsdp = 1); hybrid sharding groups are not implemented")
         self.model = parallelize(self._build_model().to(self.device), self.ps, fsdp=cfg.fsdp > 1,
                                  param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None)
+        if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
+            from ..peft.training import prepare_model
+
+            self.model = prepare_model(self.model, cfg, self.amp_dtype)
         if cfg.freeze:
             freeze(self.model, cfg.freeze)
         if cfg.activation_checkpointing:
@@ -104,6 +111,10 @@ class Trainer:
             else:
                 self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
+        if cfg.peft:  # frozen weights get no weight gradients: 4x, not 6x, their parameters
+            from ..peft import lora_flops_per_token
+
+            self.flops_per_token = lora_flops_per_token(self.model, cfg.seq_len)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_peak(self.amp_dtype, self.device) * 1e9
         self.peak_flops = peak
         n_params = sum(p.numel() for p in self.model.parameters())
@@ -124,7 +135,12 @@ class Trainer:
         if cfg.init_from:
             if not Path(cfg.init_from).is_dir():
                 raise ConfigError(f"init_from {cfg.init_from}: no such folder")
-            model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, dtype=torch.float32, **cfg.model_overrides)
+            kw = {"dtype": torch.float32}
+            if cfg.peft:  # the frozen base in the compute dtype, or 4/8-bit (openmoe/peft/training.py)
+                from ..peft.training import from_pretrained_kwargs
+
+                kw = from_pretrained_kwargs(cfg, self.amp_dtype, self.device)
+            model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, **kw, **cfg.model_overrides)
         else:
             try:
                 mcfg = OpenMoeConfig.from_pretrained(cfg.model, **cfg.model_overrides)
@@ -260,6 +276,10 @@ class Trainer:
 
     def export(self) -> Path:
         """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""
+        if self.cfg.peft:  # the adapter (PEFT format), the base, and with --merge the merged folder
+            from ..peft.training import export as export_peft
+
+            return export_peft(self)
         final, tmp = self.out / "final", self.out / ".tmp_final"
         if self.ps.distributed and (self.ps.ep > 1 or self.cfg.fsdp > 1):
             from ..parallel.export import export_distributed

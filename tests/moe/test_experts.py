@@ -90,3 +90,19 @@ def test_misaligned_shapes_use_the_loop_with_the_same_result():
     y1 = m(x, counts)
     m.implementation = "eager"
     assert torch.equal(y1, m(x, counts))
+
+
+def test_autocast_runs_grouped_mm_in_bf16_and_router_in_fp32():
+    from openmoe.moe import CapacityPolicy, MoELayer
+
+    layer = MoELayer(8, 8, 4, 2, capacity=CapacityPolicy("dropless"))
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, 6, 8)
+    ref = x @ layer.gate_weight.t()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = layer.router_logits(x)
+        y = layer.experts(torch.randn(5, 8), torch.tensor([1, 1, 1, 2]))
+    assert logits.dtype == torch.float32 and torch.equal(logits, ref)  # not rounded through bf16
+    assert y.dtype == torch.bfloat16  # the experts follow autocast, not the fp32 master weights

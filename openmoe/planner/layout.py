@@ -1,0 +1,110 @@
+"""Parallel layouts the planner models, sizes like "80GB", and checks of the planner's flags.
+
+A layout is the trainer's: `world` ranks; `ep` of them split the experts between them (expert
+parallelism, E / ep experts per rank, replicated over dp = world / ep); `fsdp` = world shards
+every non-expert parameter (and its gradient and optimizer state) over all ranks with FSDP2
+(openmoe/parallel/fsdp.py, which keeps the experts out of FSDP), fsdp = 1 replicates them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "k": 10 ** 3, "m": 10 ** 6,
+         "g": 10 ** 9, "t": 10 ** 12}
+
+
+def parse_size(text: str) -> int:
+    """'80GB' -> 80e9 bytes, '24GiB' -> 24 * 2^30, '1.5TB', '512MiB'."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"{text!r}: expected a size like 80GB, 24GiB or 512MiB")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def format_size(n: float) -> str:
+    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+@dataclass(frozen=True)
+class Layout:
+    world: int = 1
+    ep: int = 1
+    fsdp: int = 1
+
+    @property
+    def dp(self) -> int:
+        """Replicas of each expert."""
+        return self.world // self.ep
+
+    @property
+    def dense_shard(self) -> int:
+        return self.fsdp
+
+    @property
+    def expert_shard(self) -> int:
+        return self.ep
+
+    def check(self, num_experts: int | None = None) -> "Layout":
+        for k in ("world", "ep", "fsdp"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{k}={v!r}: must be a positive integer")
+        if self.fsdp not in (1, self.world):
+            raise ValueError(f"fsdp={self.fsdp}: the trainer shards over all ranks (fsdp = world = {self.world}) "
+                             f"or not at all (fsdp = 1)")
+        if self.world % self.ep:
+            raise ValueError(f"world={self.world}: must be a multiple of ep={self.ep}")
+        if num_experts is not None and num_experts % self.ep:
+            raise ValueError(f"ep={self.ep}: does not divide the {num_experts} experts")
+        return self
+
+    def __str__(self) -> str:
+        fsdp = f", FSDP2 over all {self.fsdp} ranks" if self.fsdp > 1 else ""
+        return f"world {self.world} = dp {self.dp} x ep {self.ep}{fsdp}"
+
+
+def default_world() -> int:
+    """Under torchrun the launcher's WORLD_SIZE; one process otherwise."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def candidate_layouts(num_experts: int, max_world: int = 1024, fsdp_options=(False, True)):
+    """Layouts by growing world size (powers of two); within one size, those that need the
+    least memory per rank first (FSDP2, then the widest EP)."""
+    world = 1
+    while world <= max_world:
+        opts = [Layout(world, ep, world if f else 1) for f in fsdp_options for ep in _pow2_upto(world)
+                if num_experts % ep == 0 and not (f and world == 1)]
+        yield from sorted(opts, key=lambda l: (l.fsdp == 1, -l.ep))
+        world *= 2
+
+
+def _pow2_upto(n: int):
+    v = 1
+    while v <= n:
+        yield v
+        v *= 2
+
+
+def check_plan_fields(cfg) -> None:
+    """TrainConfig's planner fields; ValueError naming the flag."""
+    if cfg.device_memory is not None:
+        try:
+            if parse_size(cfg.device_memory) <= 0:
+                raise ValueError(f"{cfg.device_memory!r}: must be > 0")
+        except ValueError as e:
+            raise ValueError(f"device_memory={cfg.device_memory!r}: {e}") from None
+    if cfg.world is not None:
+        if not isinstance(cfg.world, int) or cfg.world < 1:
+            raise ValueError(f"world={cfg.world!r}: must be a positive integer")
+        if not cfg.plan:
+            raise ValueError(f"world={cfg.world}: --world is for --plan (a run takes WORLD_SIZE from torchrun)")
+    if cfg.plan:
+        Layout(cfg.world or default_world(), cfg.ep, cfg.fsdp).check()
