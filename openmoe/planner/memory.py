@@ -282,11 +282,14 @@ def _state_rows(params: list[Param], trains: dict, lora: dict, w: Workload, lay:
     if w.peft:
         rows.append((f"LoRA adapter (r={w.lora_rank}, fp32)", lora_w, f"{sum(lora.values()) / 1e6:.2f}M parameters"))
     rows += [("gradients", grads, "fp32, trainable only"), ("optimizer state", opt, w.optimizer)]
-    # AdamW (foreach=False) makes sqrt(v) and its quotient in fp32, one parameter at a time;
-    # Adafactor its second-moment estimate, the update and a copy
+    # The trainer's AdamW is the fused kernel (in place, no temporaries) unless FSDP2 shards the
+    # dense part: then the per-tensor loop makes sqrt(v) and its quotient in fp32, one parameter
+    # at a time (openmoe/training/optim.py). Adafactor: its second-moment estimate, update, copy.
     largest = max([local[p.name] for p in trained] + list(lora_local.values()) + [0])
-    step_tmp = (8 if w.optimizer == "adamw" else 12) * largest
-    rows.append(("optimizer-step temporaries", step_tmp, f"{w.optimizer} on the largest trainable tensor"))
+    fused = w.optimizer == "adamw" and lay.fsdp == 1
+    step_tmp = 0.0 if fused else (8 if w.optimizer == "adamw" else 12) * largest
+    how = "fused AdamW: in place" if fused else f"{w.optimizer} on the largest trainable tensor"
+    rows.append(("optimizer-step temporaries", step_tmp, how))
     return rows, weights + lora_w + opt, step_tmp
 
 
