@@ -122,7 +122,7 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
     import torch
     from transformers import TextIteratorStreamer
 
-    from openmoe.generation import clean_output, encode_prompts
+    from openmoe.generation import STOP_TEXT, clean_output, encode_prompts
 
     enc = encode_prompts(tokenizer, texts, model.config.bos_token_id, model.config.max_position_embeddings,
                          args.max_new_tokens)
@@ -144,7 +144,7 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
         for piece in streamer:
             pieces.append(piece)
             text = "".join(pieces)
-            if STOP_IN(text):
+            if STOP_TEXT in text:
                 continue  # stop text reached: keep draining, print nothing more
             stream_to.write(piece)
             stream_to.flush()
@@ -159,12 +159,6 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
         new_tokens = int((new != model.config.pad_token_id).sum())
     stats["decode_tokens_per_s"] = new_tokens / (time.perf_counter() - t)
     return outs, stats
-
-
-def STOP_IN(text: str) -> bool:
-    from openmoe.generation import STOP_TEXT
-
-    return STOP_TEXT in text
 
 
 def main(argv=None) -> int:
