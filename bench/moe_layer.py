@@ -6,6 +6,15 @@ active FLOPs and HF transformers' Mixtral sparse MoE block (grouped_mm and eager
 Reports seconds, GFLOP/s (model FLOPs: 3 x forward GEMM FLOPs of the kept assignments),
 ratios to the dense layer, and the fraction of a measured matmul peak. Results go to
 docs/benchmarks.md by hand, with the command line.
+
+    python bench/moe_layer.py --suite general [--capacity-factor 1.25]
+
+The general layer against DeepSpeed's MoE (deepspeed.moe.layer.MoE, ep_size=1), with the
+GPT-2/BERT/ViT two-layer FFN expert (Linear -> GELU -> Linear, biases) at the same shapes:
+ours with the built-in experts="mlp" (grouped_mm and eager) and with a user-module expert
+(experts=lambda: TwoLayerFFN(H, I)), DeepSpeed, and a dense TwoLayerFFN(H, k*I) of equal active
+FLOPs; once dropless (DeepSpeed drop_tokens=False) and once with a capacity factor. DeepSpeed is
+an optional bench extra: see requirements-bench.txt; without it its rows are skipped.
 """
 
 from __future__ import annotations
@@ -15,11 +24,14 @@ import os
 import sys
 
 import torch
+from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import describe_machine, matmul_peak, timeit, cpu_info  # noqa: E402
 
 from openmoe.moe import CapacityPolicy, MoELayer  # noqa: E402
+from openmoe.moe.expert_types import MLPExperts, ModuleExperts  # noqa: E402
+from openmoe.moe.router import colossalai_capacity  # noqa: E402
 from openmoe.modeling_openmoe import OpenMoeMLP  # noqa: E402
 
 
@@ -40,20 +52,38 @@ def fwd_bwd(module, x, call):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--hidden", type=int, default=768)
-    ap.add_argument("--intermediate", type=int, default=2048)
-    ap.add_argument("--experts", type=int, default=16)
-    ap.add_argument("--top-k", type=int, default=2)
-    ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--iters", type=int, default=3)
+    ap = argparse.ArgumentParser(
+        description="Forward+backward of one MoE layer (training mode) against dense and library peers.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--suite", choices=("openmoe", "general", "all"), default="openmoe",
+                    help="openmoe: OpenMoE's gated-MLP layer vs a dense gated MLP and HF Mixtral's block "
+                         "(the docs/benchmarks.md table); general: the general layer with a two-layer "
+                         "GELU FFN expert (built-in 'mlp' and a user module) vs DeepSpeed's MoE and a "
+                         "dense FFN; all: both")
+    ap.add_argument("--tokens", type=int, default=4096, help="tokens T per call (one [1, T, H] batch)")
+    ap.add_argument("--hidden", type=int, default=768, help="hidden size H")
+    ap.add_argument("--intermediate", type=int, default=2048, help="expert intermediate size I")
+    ap.add_argument("--experts", type=int, default=16, help="number of experts E")
+    ap.add_argument("--top-k", type=int, default=2, help="experts per token (the general suite needs 2: "
+                                                          "DeepSpeed's top-2 gate)")
+    ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    ap.add_argument("--iters", type=int, default=3, help="timed fwd+bwd calls (median), after one warm-up")
+    ap.add_argument("--capacity-factor", type=float, default=1.25,
+                    help="general suite: the capacity case, ours capacity=CF (ColossalAI rule) vs "
+                         "DeepSpeed capacity_factor=CF, drop_tokens=True (besides the dropless case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
     print(describe_machine())
     print(f"shapes: tokens {T}, H {H}, I {I}, E {E}, top-{K}, device {args.device}\n")
+    if args.suite in ("openmoe", "all"):
+        openmoe_suite(args)
+    if args.suite in ("general", "all"):
+        general_suite(args)
 
+
+def openmoe_suite(args):
+    T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -72,7 +102,7 @@ def main(argv=None):
                      3 * gemm_moe))
         for policy in ("dropless", "t5x"):
             for impl in ("grouped_mm", "eager"):
-                layer = _init(MoELayer(H, I, E, K, capacity=CapacityPolicy(policy), experts_implementation=impl))
+                layer = _init(MoELayer(H, E, K, experts="openmoe", intermediate_size=I, capacity=CapacityPolicy(policy), experts_implementation=impl))
                 layer = layer.to(args.device, dtype).train()
                 kept = layer(x.detach())[1].tokens_per_expert.sum().item()
                 s = timeit(fwd_bwd(layer, x, lambda m, x: m(x)[0]), 1, args.iters)
@@ -92,6 +122,163 @@ def main(argv=None):
         for name, s, flops in rows:
             g = flops / s / 1e9
             print(f"| {name} | {s:.3f} | {g:.1f} | {s / t_dense:.2f} | {100 * g / peak:.0f}% |")
+        print()
+
+
+class TwoLayerFFN(nn.Module):
+    """Linear -> GELU -> Linear (biases): the FFN of GPT-2 / BERT / ViT; one expert, or the dense peer."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+DEEPSPEED_INSTALL = ("pip install --no-deps -r requirements-bench.txt (see its header; --no-deps keeps "
+                     "pip away from the pinned torch)")
+
+
+def load_deepspeed_moe(device: str):
+    """deepspeed.moe.layer.MoE, or (None, why). On CPU DS_ACCELERATOR=cpu picks DeepSpeed's CPU
+    accelerator up front (no oneCCL / IPEX needed for a single-process ep_size=1 layer)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        from deepspeed.moe.layer import MoE
+    except Exception as err:  # not installed, or an install that cannot import here
+        return None, f"{type(err).__name__}: {err}"
+    return MoE, None
+
+
+def _load_reference(layer, gate_EH, ffns):
+    """Give any of the layers the same router and expert weights (same routing, same math)."""
+    with torch.no_grad():
+        if hasattr(layer, "deepspeed_moe"):  # DeepSpeed MoE
+            layer.deepspeed_moe.gate.wg.weight.copy_(gate_EH)
+            for mod, ref in zip(layer.deepspeed_moe.experts.deepspeed_experts, ffns):
+                mod.load_state_dict(ref.state_dict())
+            return layer
+        layer.gate_weight.copy_(gate_EH)
+        experts = layer.experts
+        if isinstance(experts, ModuleExperts):
+            for mod, ref in zip(experts.experts, ffns):
+                mod.load_state_dict(ref.state_dict())
+        elif isinstance(experts, MLPExperts):  # x @ w_in[e]: the transposed nn.Linear weight
+            for e, ref in enumerate(ffns):
+                experts.w_in[e].copy_(ref.fc1.weight.t())
+                experts.b_in[e].copy_(ref.fc1.bias)
+                experts.w_out[e].copy_(ref.fc2.weight.t())
+                experts.b_out[e].copy_(ref.fc2.bias)
+        else:
+            raise TypeError(type(experts).__name__)
+    return layer
+
+
+def _parity(label, name, layer, x, y, ds_idx_KT, y_ds) -> str:
+    """Same kept assignments as DeepSpeed? Outputs equal (fp32)? With drops, DeepSpeed renormalises
+    the top-2 weights over the kept assignments (a token that loses its 2nd expert gets weight 1 on
+    its 1st), ours before the drop (as Mixtral/Qwen do): compare the tokens that lost nothing."""
+    with torch.no_grad():
+        r = layer.route(x.detach())
+    ours_TK = torch.where(r.keep_TK, r.expert_TK, -1)
+    same = torch.equal(ours_TK.cpu(), ds_idx_KT.t().to(torch.long).cpu())
+    full_T = r.keep_TK.all(dim=1)
+    diff = (y - y_ds).reshape(-1, y.shape[-1])[full_T].abs().max().item() if full_T.any() else 0.0
+    where = "" if bool(full_T.all()) else f" on the {int(full_T.sum())} tokens that kept both experts"
+    return (f"{label}, {name}: kept assignments {'identical to' if same else 'DIFFER from'} DeepSpeed's; "
+            f"max |ours - deepspeed|{where} = {diff:.1e}")
+
+
+def general_suite(args):
+    """Our general MoELayer with a two-layer GELU FFN expert vs DeepSpeed's MoE, same shapes and
+    weights, training mode, fwd+bwd; both against a dense TwoLayerFFN(H, k*I)."""
+    T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
+    cf, dev = args.capacity_factor, args.device
+    print(f"== general layer vs DeepSpeed MoE: expert Linear(H,I) -> GELU -> Linear(I,H), biases; "
+          f"top-{K}, capacity factor {cf} ==")
+    if K != 2:
+        print(f"skipped: --top-k {K}; DeepSpeed's MoE layer is compared at top-2 (its k=2 gate)\n")
+        return
+    MoE, why = load_deepspeed_moe(dev)
+    if MoE is None:
+        print(f"DeepSpeed rows skipped: deepspeed is not importable ({why}).\n"
+              f"  install it with: {DEEPSPEED_INSTALL}")
+    else:
+        import deepspeed
+        print(f"deepspeed {deepspeed.__version__}: MoE(ep_size=1, k=2, min_capacity=4, use_residual=False, "
+              "top2_2nd_expert_sampling=False), no process group")
+    print("ours: MoELayer(experts='mlp' | lambda: TwoLayerFFN(H, I), activation='gelu', bias=True, "
+          "norm_topk_prob=True); DeepSpeed renormalises the top-2 weights and, with its 2nd-expert "
+          "sampling off, picks the same top-2: same routing and outputs at equal weights.")
+    print("expert rows: rows the expert FFNs run. Ours: the kept assignments. DeepSpeed: E x capacity, "
+          "padding included (dropless: capacity = the busiest expert's count).\n")
+
+    torch.manual_seed(0)
+    gate_EH = torch.randn(E, H) * 0.02
+    ffns = [_init(TwoLayerFFN(H, I)) for _ in range(E)]
+    cases = (("dropless", "dropless", False), (f"cf {cf}", cf, True))
+
+    for dname in args.dtypes.split(","):
+        dtype = getattr(torch, dname)
+        if dtype == torch.bfloat16 and dev == "cpu" and not cpu_info()["native_bf16"]:
+            print(f"{dname}: skipped (no native bf16 on this CPU: bf16 matmul would run ~400x slower)\n")
+            continue
+        x = torch.randn(1, T, H, device=dev, dtype=dtype, requires_grad=True)
+        rows, checks = [], []  # (layer, capacity, seconds, expert rows, dropped, deepspeed key)
+
+        dense = _init(TwoLayerFFN(H, K * I)).to(dev, dtype)
+        rows.append(("dense FFN (I x k)", "-", timeit(fwd_bwd(dense, x, lambda m, x: m(x)), 1, args.iters),
+                     "-", "-", None))
+        for label, capacity, drop in cases:
+            variants = [(f"ours mlp {impl}", dict(experts="mlp", intermediate_size=I, activation="gelu",
+                                                   bias=True, experts_implementation=impl))
+                        for impl in ("grouped_mm", "eager")]
+            variants.append(("ours module TwoLayerFFN", dict(experts=lambda: TwoLayerFFN(H, I))))
+            y_ds = None
+            if MoE is not None:
+                ds = MoE(hidden_size=H, expert=TwoLayerFFN(H, I), num_experts=E, ep_size=1, k=2,
+                         capacity_factor=cf, eval_capacity_factor=cf, min_capacity=4, drop_tokens=drop,
+                         use_residual=False, top2_2nd_expert_sampling=False)
+                ds = _load_reference(ds, gate_EH, ffns).to(dev, dtype).train()
+                with torch.no_grad():
+                    y_ds = ds(x.detach())[0]
+                    _, C, _, idx, _, _, _ = ds.deepspeed_moe.gate(x.detach().reshape(-1, H), None, True)
+                kept, ds_idx = int((idx >= 0).sum()), idx
+                s = timeit(fwd_bwd(ds, x, lambda m, x: m(x)[0]), 1, args.iters)
+                rows.append(("DeepSpeed MoE", f"{label} (drop_tokens={drop})", s, E * int(C),
+                             1 - kept / (T * K), label))
+                if drop:
+                    checks.append(f"capacity per expert at cf {cf}: DeepSpeed max(ceil(k*cf*T/E), 4) = {int(C)}, "
+                                  f"ours (ColossalAI) max(even(floor(k*cf*T/E)), 4) = "
+                                  f"{colossalai_capacity(T, E, K, cf, 4)}")
+            for name, kw in variants:
+                layer = MoELayer(H, E, K, capacity=capacity, norm_topk_prob=True, **kw)
+                layer = _load_reference(layer, gate_EH, ffns).to(dev, dtype).train()
+                with torch.no_grad():
+                    y, out = layer(x.detach())
+                if y_ds is not None and dtype == torch.float32:
+                    checks.append(_parity(label, name, layer, x, y, ds_idx, y_ds))
+                s = timeit(fwd_bwd(layer, x, lambda m, x: m(x)[0]), 1, args.iters)
+                rows.append((name, label, s, int(out.tokens_per_expert.sum()), float(out.dropped_fraction),
+                             label))
+
+        t_dense = rows[0][2]
+        t_ds = {r[5]: r[2] for r in rows if r[0] == "DeepSpeed MoE"}
+        print(f"{dname}: tokens {T}, H {H}, I {I}, E {E}, top-{K}, training fwd+bwd")
+        print("| layer | capacity | s / fwd+bwd | x dense time | ours / deepspeed | expert rows | dropped |")
+        print("|---|---|---|---|---|---|---|")
+        for name, cap, s, n_rows, dropped, key in rows:
+            vs_ds = "-" if key not in t_ds or name == "DeepSpeed MoE" else f"{s / t_ds[key]:.2f}"
+            dropped = dropped if isinstance(dropped, str) else f"{100 * dropped:.1f}%"
+            print(f"| {name} | {cap} | {s:.4f} | {s / t_dense:.2f} | {vs_ds} | {n_rows} | {dropped} |")
+        if MoE is None:
+            print(f"| DeepSpeed MoE | - | skipped: not installed ({DEEPSPEED_INSTALL}) | | | | |")
+        for line in checks:
+            print(f"  {line}")
         print()
 
 

@@ -23,6 +23,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from .configuration_openmoe import OpenMoeConfig
 from .moe.experts import gated_mlp
 from .moe.layer import MoELayer, MoEOutput
+from .moe.noise import RouterNoise
 from .moe.router import CapacityPolicy
 
 
@@ -146,10 +147,11 @@ class OpenMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = OpenMoeRMSNorm(H, config.rms_norm_eps)
         self.post_attention_layernorm = OpenMoeRMSNorm(H, config.rms_norm_eps)
         if self.is_moe:
+            noise = RouterNoise("jitter", config.router_jitter_noise) if config.router_jitter_noise > 0 else None
             self.mlp = MoELayer(
-                H, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
-                capacity=CapacityPolicy.from_config(config), norm_topk_prob=config.norm_topk_prob,
-                jitter_noise=config.router_jitter_noise,
+                H, config.num_experts, config.num_experts_per_tok, experts="openmoe",
+                intermediate_size=config.intermediate_size, capacity=CapacityPolicy.from_config(config),
+                noise=noise, norm_topk_prob=config.norm_topk_prob,
                 experts_implementation=config.experts_implementation_name)
             self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(H, config.rms_norm_eps)
             self.extra_mlp = OpenMoeMLP(H, config.intermediate_size)

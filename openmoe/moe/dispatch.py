@@ -46,6 +46,11 @@ class LocalDispatcher:
         """Rows for this process's experts, sorted by expert, and the count per expert."""
         return x_TH[plan.token_N], plan.counts_E
 
+    def apply(self, experts, x_TH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
+        """dispatch -> experts -> combine (an EP dispatcher may choose another layout here)."""
+        x_NH, counts = self.dispatch(x_TH, plan)
+        return self.combine(experts(x_NH, counts), plan, out_dtype)
+
     def combine(self, y_NH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
         """Weighted scatter of the rows into their [T*K] slots, then a sum over K. Deterministic
         (no atomics) and accumulated in float32."""

@@ -97,6 +97,8 @@ def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
 class OpenMoeExperts(nn.Module):
     """E gated MLPs as stacked weights. forward(x sorted by expert, tokens per expert)."""
 
+    stacked = ("wi_gate", "wi_up", "wo")
+
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  implementation: str = "grouped_mm"):
         super().__init__()
@@ -116,3 +118,19 @@ class OpenMoeExperts(nn.Module):
             # Same math, another kernel: the loop is the reference implementation.
             name = "eager"
         return EXPERT_BACKENDS[name](self, x_NH, counts_E)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in self.stacked_parameters():
+            nn.init.normal_(p, std=std)
+
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self.stacked]
+
+    def shard_(self, lo: int, hi: int) -> None:
+        """Keep experts [lo, hi) (expert parallelism); the kept parameters are marked as experts."""
+        for name in self.stacked:
+            full = getattr(self, name)
+            local = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
+            local._ep_expert = True
+            setattr(self, name, local)
+        self.num_experts = hi - lo

@@ -40,6 +40,9 @@ class Routing:
         return torch.bincount(self.expert_TK[self.keep_TK], minlength=num_experts)
 
 
+CAPACITY_POLICIES = ("t5x", "colossalai", "dropless")
+
+
 @dataclass(frozen=True)
 class CapacityPolicy:
     """How many assignments each expert takes. `name` is one of t5x, colossalai, dropless."""
@@ -49,6 +52,15 @@ class CapacityPolicy:
     capacity_factor_eval: float = 2.0
     min_capacity: int = 4
     max_group_size: int = 4096  # t5x only
+
+    def __post_init__(self):
+        if self.name not in CAPACITY_POLICIES:
+            raise ValueError(f"capacity policy {self.name!r}: choose one of {CAPACITY_POLICIES}")
+        for f in ("capacity_factor_train", "capacity_factor_eval"):
+            if not getattr(self, f) > 0:
+                raise ValueError(f"capacity policy: {f}={getattr(self, f)!r} must be > 0")
+        if self.min_capacity < 0 or self.max_group_size < 1:
+            raise ValueError("capacity policy: min_capacity must be >= 0 and max_group_size >= 1")
 
     @classmethod
     def from_config(cls, config) -> "CapacityPolicy":

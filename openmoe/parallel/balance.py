@@ -152,7 +152,7 @@ class ExpertBalancer:
 
     def _move(self, layer, old: list[int], new: list[int]) -> None:
         ex = layer.experts
-        params = [ex.wi_gate, ex.wi_up, ex.wo]
+        params = ex.stacked_parameters()
         tensors = [p.data for p in params]
         states = []
         for p in params:  # optimizer state tensors shaped like the parameter move with it
@@ -161,9 +161,9 @@ class ExpertBalancer:
                     tensors.append(v)
                     states.append((p, k))
         moved = move_experts(tensors, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
-        for p, t in zip(params, moved[:3]):
+        for p, t in zip(params, moved[:len(params)]):
             p.data.copy_(t)
-        for (p, k), t in zip(states, moved[3:]):
+        for (p, k), t in zip(states, moved[len(params):]):
             self.optimizer.state[p][k].copy_(t)
         layer.dispatcher.placement = torch.tensor(new)
 

@@ -31,7 +31,7 @@ class AllToAllDispatcher(LocalDispatcher):
     `placement[e]` is the slot of logical expert e (identity until the balancer moves experts).
     Routing stays in logical ids: only where an expert's weights live changes."""
 
-    def __init__(self, group: dist.ProcessGroup, num_experts: int):
+    def __init__(self, group: dist.ProcessGroup, num_experts: int, layout: str = "ep"):
         self.group = group
         self.ep = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -39,10 +39,15 @@ class AllToAllDispatcher(LocalDispatcher):
             raise ValueError(f"expert parallelism: {num_experts} experts do not split over ep={self.ep} ranks")
         self.local_experts = num_experts // self.ep
         self.placement = torch.arange(num_experts)
+        self.layout = AdaptiveLayout(layout)
 
     def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
         physical = dataclasses.replace(routing, expert_TK=self.placement.to(routing.expert_TK.device)[routing.expert_TK])
+        mode = self.layout.choose(routing.expert_TK.shape[0], self.group)
         plan = super().plan(physical, num_experts)  # sorted by physical slot
+        plan.mode = mode
+        if mode == "gather":
+            return plan  # tokens stay: nothing to exchange
         send_SE = plan.counts_E.view(self.ep, self.local_experts)
         recv_SE = torch.empty_like(send_SE)
         dist.all_to_all_single(recv_SE, send_SE.contiguous(), group=self.group)  # counts first
@@ -54,6 +59,19 @@ class AllToAllDispatcher(LocalDispatcher):
             send_splits=send_SE.sum(1).tolist(), recv_splits=recv_SE.sum(1).tolist(),
             perm=torch.argsort(key, stable=True), local_counts=recv_SE.sum(0))
         return plan
+
+    def apply(self, experts, x_TH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
+        start = self.layout.start_timer(x_TH)
+        if plan.mode == "gather":
+            # experts travel (all-gathered, differentiable), tokens stay: run every expert here
+            full = {name: gather_experts(p, self.group) for name, p in _stacked(experts).items()}
+            x_NH = x_TH[plan.token_N]
+            y_NH = torch.func.functional_call(experts, full, (x_NH, plan.counts_E))
+            y = LocalDispatcher.combine(self, y_NH, plan, out_dtype)
+        else:
+            y = super().apply(experts, x_TH, plan, out_dtype)
+        self.layout.stop_timer(plan.mode, x_TH.shape[0], start, y)
+        return y
 
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         ex = plan.exchange
@@ -70,24 +88,120 @@ class AllToAllDispatcher(LocalDispatcher):
         return super().combine(y_rows, plan, out_dtype)
 
 
-def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup) -> int:
+def _stacked(experts: torch.nn.Module) -> dict[str, torch.Tensor]:
+    try:
+        params = experts.stacked_parameters()
+    except (AttributeError, ValueError) as err:
+        raise ValueError(f"the 'gather' expert layout needs stacked expert weights; "
+                         f"{type(experts).__name__} has none ({err})") from None
+    return {n: p for n, p in zip(experts.stacked, params)}
+
+
+class _GatherExperts(torch.autograd.Function):
+    """[E_l, ...] on each rank -> [E, ...] (rank-major); backward sums the full gradient over the
+    group and keeps this rank's slice: the same sum over every rank's tokens the all_to_all
+    backward gives in the expert-parallel layout."""
+
+    @staticmethod
+    def forward(ctx, local, group):
+        ctx.group = group
+        ctx.rank, ctx.n = dist.get_rank(group), local.shape[0]
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, local.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None
+
+
+def gather_experts(local: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return _GatherExperts.apply(local, group)
+
+
+LAYOUTS = ("ep", "gather", "auto")
+
+
+class AdaptiveLayout:
+    """Which layout runs a forward call (Tutel's adaptive parallelism):
+      ep      tokens travel to their experts (all_to_all), experts stay;
+      gather  experts travel (all_gather, gradients summed back), tokens stay;
+      auto    time both on the first calls for each token count, then keep the faster.
+    The two are the same math; `auto` decides collectively (max time over the group), so every
+    rank takes the same path."""
+
+    def __init__(self, layout: str = "ep", trials: int = 2):
+        if layout not in LAYOUTS:
+            raise ValueError(f"expert layout {layout!r}: choose one of {LAYOUTS}")
+        self.layout, self.trials = layout, trials
+        self.times: dict[int, dict[str, list[float]]] = {}
+        self.decided: dict[int, str] = {}
+
+    def choose(self, num_tokens: int, group) -> str:
+        if self.layout != "auto":
+            return self.layout
+        t = torch.tensor([num_tokens])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # one key on every rank
+        key = int(t)
+        self._key = key
+        if key in self.decided:
+            return self.decided[key]
+        seen = self.times.setdefault(key, {"ep": [], "gather": []})
+        if len(seen["ep"]) < self.trials or len(seen["gather"]) < self.trials:
+            return "ep" if len(seen["ep"]) <= len(seen["gather"]) else "gather"
+        mean = torch.tensor([min(seen["ep"]), min(seen["gather"])], dtype=torch.float64)
+        dist.all_reduce(mean, op=dist.ReduceOp.MAX, group=group)
+        self.decided[key] = "ep" if mean[0] <= mean[1] else "gather"
+        return self.decided[key]
+
+    def start_timer(self, x: torch.Tensor) -> float | None:
+        if self.layout != "auto" or getattr(self, "_key", None) in self.decided:
+            return None
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
+        import time
+
+        return time.perf_counter()
+
+    def stop_timer(self, mode: str, num_tokens: int, start: float | None, y: torch.Tensor) -> None:
+        if start is None:
+            return
+        if y.is_cuda:
+            torch.cuda.synchronize(y.device)
+        import time
+
+        self.times[self._key][mode].append(time.perf_counter() - start)
+
+
+def set_expert_layout(model: torch.nn.Module, layout: str) -> None:
+    """Switch every expert-parallel MoE layer of `model` to layout "ep", "gather" or "auto"."""
+    for m in model.modules():
+        disp = getattr(m, "dispatcher", None)
+        if isinstance(disp, AllToAllDispatcher):
+            if layout != "ep":
+                _stacked(m.experts)  # fail now, with the reason, not mid-step
+            disp.layout = AdaptiveLayout(layout)
+
+
+def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup, layout: str = "ep") -> int:
     """Keep only this EP rank's experts in every MoE layer and route through all_to_all.
-    Returns the number of MoE layers changed. Expert parameters get `_ep_expert = True`."""
+    Returns the number of MoE layers changed. Expert parameters get `_ep_expert = True`.
+
+    Every rank must hold the same full expert set before the call (same seed, or broadcast):
+    slicing it is what makes expert init differ across EP ranks, match across replicas, and
+    equal one process holding all experts. A layer shared by several blocks is sharded once."""
     from ..moe.layer import MoELayer
 
     n = 0
-    for layer in model.modules():
-        if not isinstance(layer, MoELayer):
+    for layer in model.modules():  # unique modules: shared (WideNet) layers come once
+        if not isinstance(layer, MoELayer) or isinstance(layer.dispatcher, AllToAllDispatcher):
             continue
-        disp = AllToAllDispatcher(group, layer.num_experts)
-        lo, hi = disp.rank * disp.local_experts, (disp.rank + 1) * disp.local_experts
-        ex = layer.experts
-        for name in ("wi_gate", "wi_up", "wo"):
-            full = getattr(ex, name)
-            local = torch.nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
-            local._ep_expert = True
-            setattr(ex, name, local)
-        ex.num_experts = disp.local_experts
+        disp = AllToAllDispatcher(group, layer.num_experts, layout)
+        if layout != "ep":
+            _stacked(layer.experts)
+        layer.experts.shard_(disp.rank * disp.local_experts, (disp.rank + 1) * disp.local_experts)
         layer.dispatcher = disp
         n += 1
     return n

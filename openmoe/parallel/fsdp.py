@@ -20,12 +20,12 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from ..moe.experts import OpenMoeExperts
+    from ..moe.layer import MoELayer
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     world_mesh = init_device_mesh(device, (ps.world,), mesh_dim_names=("fsdp",))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    experts = [p for m in model.modules() if isinstance(m, OpenMoeExperts) for p in m.parameters()]
+    experts = [p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()]
     ignored = set(experts)
     base = model.model if hasattr(model, "model") else model
     for layer in base.layers:

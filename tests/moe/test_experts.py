@@ -95,7 +95,7 @@ def test_misaligned_shapes_use_the_loop_with_the_same_result():
 def test_autocast_runs_grouped_mm_in_bf16_and_router_in_fp32():
     from openmoe.moe import CapacityPolicy, MoELayer
 
-    layer = MoELayer(8, 8, 4, 2, capacity=CapacityPolicy("dropless"))
+    layer = MoELayer(8, 4, 2, experts="openmoe", intermediate_size=8, capacity=CapacityPolicy("dropless"))
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)

@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 
 from openmoe.moe import CapacityPolicy, MoELayer
+from openmoe.moe.noise import RouterNoise
 
 
 def _layer(policy, E=4, H=8, I=8, k=2):
-    layer = MoELayer(H, I, E, k, capacity=policy)
+    layer = MoELayer(H, E, k, experts="openmoe", intermediate_size=I, capacity=policy)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.5)
@@ -72,7 +73,7 @@ def test_2d_input_and_gradients_flow():
 
 def test_jitter_only_in_training():
     layer = _layer(CapacityPolicy("dropless"))
-    layer.jitter_noise = 0.1
+    layer.noise = RouterNoise("jitter", 0.1)
     x = torch.randn(1, 5, 8)
     assert torch.equal(layer.router_logits(x), layer.router_logits(x))  # eval: no noise
     layer.train()
@@ -81,4 +82,122 @@ def test_jitter_only_in_training():
 
 def test_bad_top_k():
     with pytest.raises(ValueError, match="top_k"):
-        MoELayer(8, 6, 4, 5)
+        MoELayer(8, 4, 5)
+
+
+# --- the general layer API -------------------------------------------------------------------
+
+def _hand_layer(k, capacity):
+    """H = E = 2, gate = identity: token x = [1, 0] prefers expert 0, [0, 1] expert 1. Experts are
+    SwiGLU with weights chosen so expert e maps x to (e + 1) * something nonzero."""
+    layer = MoELayer(2, 2, k, experts="swiglu", intermediate_size=2, capacity=capacity)
+    with torch.no_grad():
+        layer.gate_weight.copy_(torch.eye(2))
+        layer.experts.w_gate.fill_(1.0)
+        layer.experts.w_up.fill_(1.0)
+        layer.experts.w_down[0].fill_(1.0)
+        layer.experts.w_down[1].fill_(2.0)
+    return layer.eval()
+
+
+def test_top1_switch_drop_by_hand():
+    """Top-1, ColossalAI rule: capacity = even(floor(1 * 0.5 * 8 / 2)) = 2. All 8 tokens prefer
+    expert 0: tokens 0 and 1 (first in token order) are kept, 2..7 dropped (output 0); the
+    combine weight is the raw top-1 probability (Switch, no renormalisation)."""
+    layer = _hand_layer(1, CapacityPolicy("colossalai", 0.5, 0.5, min_capacity=0))
+    x = torch.tensor([[1.0, 0.0]] * 8)
+    y, out = layer(x)
+    p0 = torch.softmax(torch.tensor([1.0, 0.0]), 0)[0]
+    e0 = layer.experts.ffn(x[:1], lambda v, w, b=None: v @ getattr(layer.experts, w)[0])[0]
+    torch.testing.assert_close(y[:2], (p0 * e0).expand(2, 2))
+    assert (y[2:] == 0).all()
+    assert out.tokens_per_expert.tolist() == [2, 0]
+    assert out.dropped_fraction.item() == pytest.approx(6 / 8)
+
+
+def test_top2_priority_by_hand():
+    """Top-2, capacity even(floor(2 * 0.7 * 3 / 2)) = 2 per expert. Token 0 prefers e0 (then e1),
+    tokens 1 and 2 prefer e1 (then e0). Queues fill with every top-1 first, in token order:
+    e0 = [t0 top-1, t1 top-2, t2 top-2] -> t2's top-2 dropped; e1 = [t1 top-1, t2 top-1, t0 top-2]
+    -> t0's top-2 dropped, although t0 comes first in token order."""
+    layer = _hand_layer(2, CapacityPolicy("colossalai", 0.7, 0.7, min_capacity=0))
+    x = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    r = layer.route(x.unsqueeze(0))
+    assert r.capacity == 2
+    assert r.expert_TK.tolist() == [[0, 1], [1, 0], [1, 0]]
+    assert r.keep_TK.tolist() == [[True, False], [True, True], [True, False]]
+    y, out = layer(x)
+    p = torch.softmax(torch.tensor([1.0, 0.0]), 0)  # [p_hi, p_lo]
+    ex = layer.experts
+
+    def expert(e, v):
+        return ex.ffn(v[None], lambda z, w, b=None: z @ getattr(ex, w)[e])[0]
+
+    torch.testing.assert_close(y[0], p[0] * expert(0, x[0]))
+    torch.testing.assert_close(y[1], p[0] * expert(1, x[1]) + p[1] * expert(0, x[1]))
+    torch.testing.assert_close(y[2], p[0] * expert(1, x[2]))
+    assert out.tokens_per_expert.tolist() == [2, 2]
+
+
+def test_norm_topk_prob_makes_weights_sum_to_one():
+    layer = _hand_layer(2, "dropless")
+    layer.norm_topk_prob = True
+    r = layer.route(torch.randn(1, 5, 2))
+    torch.testing.assert_close(r.weight_TK.sum(-1), torch.ones(5))
+
+
+def test_loss_coefficients_weight_the_losses():
+    layer = MoELayer(8, 4, 2, experts="swiglu", intermediate_size=8, aux_loss=0.01, z_loss=0.001).train()
+    _, out = layer(torch.randn(2, 6, 8))
+    torch.testing.assert_close(out.loss, 0.01 * out.aux_loss + 0.001 * out.z_loss)
+    assert MoELayer(8, 4, 2)(torch.randn(3, 8))[1].loss is None  # coefficients 0: nothing to add
+
+
+def test_capacity_argument_forms():
+    assert MoELayer(8, 4, 2).capacity.name == "dropless"
+    assert MoELayer(8, 4, 2, capacity="t5x").capacity.name == "t5x"
+    c = MoELayer(8, 4, 2, capacity=1.5).capacity
+    assert (c.name, c.capacity_factor_train, c.capacity_factor_eval) == ("colossalai", 1.5, 1.5)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(top_k=5), "top_k=5"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(capacity="fifo"), "capacity policy 'fifo'"),
+    (dict(capacity=0.0), "capacity_factor_train"),
+    (dict(noise="dropout"), "noise='dropout'"),
+    (dict(aux_loss=-1.0), "aux_loss"),
+])
+def test_bad_layer_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MoELayer(8, 4, **kwargs)
+
+
+def test_bad_input_shape():
+    with pytest.raises(ValueError, match=r"\[2, 3, 5\]"):
+        MoELayer(8, 4, 2)(torch.randn(2, 3, 5))
+
+
+def test_shared_layer_gradients_equal_the_sum_over_its_uses():
+    """WideNet: one MoE layer used by two blocks (own norms). Its gradients must equal the sum
+    of two independent copies' gradients on the same computation."""
+    import copy
+
+    torch.manual_seed(0)
+    shared = MoELayer(8, 4, 2, experts="mlp", intermediate_size=16, aux_loss=0.01, z_loss=0.001).train()
+    norms = [torch.nn.LayerNorm(8) for _ in range(2)]
+    copies = [copy.deepcopy(shared) for _ in range(2)]
+    x = torch.randn(2, 5, 8)
+
+    def run(layers):
+        h, aux = x, 0.0
+        for norm, layer in zip(norms, layers):
+            y, out = layer(norm(h))
+            h, aux = h + y, aux + out.loss
+        return (h ** 2).mean() + aux
+
+    run([shared, shared]).backward()
+    run(copies).backward()
+    for (name, p), p0, p1 in zip(shared.named_parameters(), copies[0].parameters(), copies[1].parameters()):
+        torch.testing.assert_close(p.grad, p0.grad + p1.grad, msg=name)
+        assert p0.grad.abs().sum() > 0 and p1.grad.abs().sum() > 0
