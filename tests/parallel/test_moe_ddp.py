@@ -139,6 +139,15 @@ def _layout_worker(rank, port, out):
         net(x, y)
     disp = net.moe.dispatcher
     res["decided"] = sorted(set(disp.layout.decided.values()))
+
+    # the trainer's path on the same user model: parallelize(model, state) + sync_gradients
+    from openmoe.parallel import build_state, parallelize, sync_gradients
+
+    torch.manual_seed(0)
+    net2 = parallelize(Net(), build_state(2))
+    net2(x, y).backward()
+    sync_gradients(net2, build_state(2))
+    res["parallelize_grads"] = {n: p.grad.tolist() for n, p in net2.named_parameters()}
     with open(os.path.join(out, f"{rank}.json"), "w") as f:
         json.dump(res, f)
     dist.destroy_process_group()
@@ -155,6 +164,10 @@ def test_expert_layouts_give_equal_outputs_and_gradients(tmp_path):
                 torch.testing.assert_close(torch.tensor(res[layout]["grads"][name]), torch.tensor(g),
                                            atol=1e-6, rtol=1e-5, msg=f"{layout} {name}")
         assert len(res["decided"]) == 1 and res["decided"][0] in ("ep", "gather")
+        _, ref = _reference(1, "dropless")
+        for name, g in res["parallelize_grads"].items():
+            want = ref[name][2 * r:2 * r + 2] if ".experts." in name else ref[name]
+            torch.testing.assert_close(torch.tensor(g), want, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_gather_layout_needs_stacked_experts(tmp_path):
