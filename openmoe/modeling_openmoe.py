@@ -21,6 +21,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOut
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 from .configuration_openmoe import OpenMoeConfig
+from .losses import lm_and_z_loss
 from .moe.experts import gated_mlp
 from .moe.layer import MoELayer, MoEOutput
 from .moe.noise import RouterNoise
@@ -341,8 +342,9 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         router_z = torch.stack([m.z_loss for m in with_losses]).mean() if with_losses else None
         loss = lm_loss = output_z = None
         if labels is not None:
-            lm_loss = self.loss_function(logits, labels, cfg.vocab_size, **kwargs)
-            output_z = _output_z_loss(logits, labels)
+            # one log-sum-exp for both (a 256k vocabulary makes every [tokens, V] pass count)
+            lm_loss, output_z = lm_and_z_loss(logits, labels, kwargs.get("num_items_in_batch"),
+                                              shift_labels=kwargs.get("shift_labels"))
             loss = lm_loss + cfg.output_z_loss_coef * output_z
             if aux is not None:
                 loss = loss + cfg.router_aux_loss_coef * aux + cfg.router_z_loss_coef * router_z
@@ -371,13 +373,6 @@ def bos_aware_attention_mask(input_ids: torch.Tensor, pad_id: int | None = 0) ->
     is_pad = input_ids == pad_id
     next_is_pad = torch.cat([is_pad[:, 1:], torch.zeros_like(is_pad[:, :1])], dim=1)
     return (~(is_pad & next_is_pad)).long()
-
-
-def _output_z_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """mean(logsumexp(logits)^2) over the positions that have a target (shifted labels != -100)."""
-    target = labels[:, 1:] != -100
-    lse = torch.logsumexp(logits[:, :-1].float(), dim=-1)
-    return (lse.pow(2) * target).sum() / target.sum().clamp_min(1)
 
 
 __all__ = ["OpenMoeForCausalLM", "OpenMoeModel", "OpenMoePreTrainedModel", "OpenMoeCausalLMOutputWithPast",

@@ -21,7 +21,7 @@ AUTO_MAP = {
 }
 
 _HERE = Path(__file__).resolve().parent
-_TOP = ("configuration_openmoe", "modeling_openmoe", "remote_code")
+_TOP = ("configuration_openmoe", "modeling_openmoe", "losses", "remote_code")
 _MOE = ("router", "experts", "expert_types", "noise", "dispatch", "layer")
 
 

@@ -14,11 +14,13 @@ from .experts import EXPERT_BACKENDS, OpenMoeExperts, register_expert_backend
 from .layer import MoELayer, MoEOutput
 from .noise import RouterNoise
 from .router import CapacityPolicy, Routing, route
+from .upcycle import UpcycledMoE, load_upcycled, moe_loss, moe_outputs, upcycle
 
 __all__ = ["CapacityPolicy", "Routing", "route", "OpenMoeExperts", "SwiGLUExperts", "MLPExperts",
            "ModuleExperts", "StackedExperts", "EXPERT_BACKENDS", "register_expert_backend",
            "LocalDispatcher", "DispatchPlan", "MoELayer", "MoEOutput", "RouterNoise",
-           "expert_parallel", "ddp_ignore_experts", "set_expert_layout"]
+           "expert_parallel", "ddp_ignore_experts", "set_expert_layout",
+           "upcycle", "load_upcycled", "moe_loss", "moe_outputs", "UpcycledMoE"]
 
 _LAZY = {"expert_parallel": "ddp", "ddp_ignore_experts": "ddp", "set_expert_layout": "expert_parallel"}
 
