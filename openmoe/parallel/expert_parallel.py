@@ -12,10 +12,32 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.nn.functional import all_to_all_single as a2a  # differentiable
 
 from ..moe.dispatch import DispatchPlan, LocalDispatcher
 from ..moe.router import Routing
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the backward is the reverse exchange. (Our own: the
+    differentiable one in torch.distributed.nn.functional is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx, out, x, out_splits, in_splits, group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
+        return None, back, None, None, None
+
+
+def a2a(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
+    """Differentiable exchange: rows x[in_splits[i] block] go to rank i; `out` receives."""
+    return _AllToAll.apply(out, x, out_splits, in_splits, group)
 
 
 @dataclass
