@@ -2,7 +2,8 @@
 
 Every N steps, from the measured per-expert load, search for a placement of experts on EP
 ranks (each rank keeps E/ep slots) that minimises the most loaded rank, then move the expert
-weights and their optimizer state to their new slots. Routing is in logical expert ids and is
+weights and their optimizer state to their new slots (experts FSDP-sharded over dp included:
+gathered over dp, moved, re-split). Routing is in logical expert ids and is
 untouched, so the loss is unchanged; only the all_to_all traffic and the per-rank expert work
 become even.
 
@@ -151,20 +152,31 @@ class ExpertBalancer:
         return report
 
     def _move(self, layer, old: list[int], new: list[int]) -> None:
+        """Move the layer's expert weights and their optimizer state to the new slots. Experts
+        FSDP-sharded over dp (parallel/fsdp.py) are all-gathered over dp into the whole EP
+        block first (every dp replica then moves the same block over its own EP group) and
+        each rank keeps its own rows again; the FSDP parameters keep their storage."""
+        from .fsdp import local_rows
+
         ex = layer.experts
         params = ex.stacked_parameters()
-        tensors = [p.data for p in params]
-        states = []
+        targets = list(params)
         for p in params:  # optimizer state tensors shaped like the parameter move with it
             for k, v in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.shape == p.shape:
-                    tensors.append(v)
-                    states.append((p, k))
-        moved = move_experts(tensors, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
-        for p, t in zip(params, moved[:len(params)]):
-            p.data.copy_(t)
-        for (p, k), t in zip(states, moved[len(params):]):
-            self.optimizer.state[p][k].copy_(t)
+                    targets.append(v)
+        blocks = [t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach() for t in targets]
+        moved = move_experts(blocks, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
+        with torch.no_grad():
+            for t, m in zip(targets, moved):
+                if hasattr(t, "to_local"):
+                    local = t.to_local()
+                    lo, hi = local_rows(m.shape[0], self.ps)
+                    if local.shape[0] != hi - lo:
+                        raise RuntimeError(f"expert shard of {local.shape[0]} rows, expected rows [{lo}, {hi})")
+                    local.copy_(m[lo:hi])
+                else:
+                    t.copy_(m)
         layer.dispatcher.placement = torch.tensor(new)
 
     def state(self) -> list[list[int]]:

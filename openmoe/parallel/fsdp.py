@@ -1,12 +1,41 @@
-"""FSDP2 (torch.distributed.fsdp.fully_shard) for the replicated part of the model.
+"""FSDP2 (torch.distributed.fsdp.fully_shard) for the whole model: what is sharded over what.
 
-Non-expert parameters (attention, dense/extra MLPs, routers, norms, embedding, lm_head) are
-sharded over all ranks, one FSDP unit per decoder layer plus the root; FSDP2 reduce-scatters
-their gradients as the average over all ranks, which is the right rule for them. Expert
-parameters stay out of FSDP: they are already split by EP and are reduced by
-grads.sync_gradients over their replicas only (sum over dp, divided by world).
-Mixed precision: parameters gathered in the compute dtype, gradients reduced in fp32, fp32
-master weights in the optimizer.
+World = dp x ep ranks; rank r sits at (dp = r // ep, ep = r % ep) (openmoe/parallel/mesh.py).
+
+  Non-expert parameters (attention, dense/extra MLPs, routers, norms, embedding, lm_head):
+    sharded over ALL `world` ranks (a 1-D "fsdp" mesh), one FSDP unit per decoder layer plus
+    the root. Their gradients are reduce-scattered as the average over all ranks (FSDP2's
+    default), which is the right rule for a replicated parameter.
+
+  Expert parameters (`layer.experts` of every MoE layer; hierarchical sharding, ColossalAI's
+  EZ-MoE): first split by EP (each EP rank keeps its E_l = E / ep experts, shard_experts),
+  then, with shard_experts=True (TrainConfig.fsdp_experts) and dp > 1, each EP-local
+  [E_l, ...] block is sharded by FSDP2 over the dp submesh (`ps.mesh["dp"]`: the ranks that
+  hold replicas of the same experts), one FSDP unit per experts module, on dim 0 with
+  torch.chunk semantics: the rank at (dp = d, ep = e) keeps rows chunk d of EP block e
+  (FSDP2 pads when E_l % dp != 0). The unit all-gathers the block over dp only when the
+  experts module runs, and reduce-scatters its gradient over dp only: the sum over the dp
+  replicas divided by `world` (gradient divide factor = world, not FSDP2's default dp), the
+  same rule grads.sync_gradients applies to unsharded experts. Never reduced over the EP
+  group, never divided twice. With shard_experts=False (or dp == 1) the experts stay out of
+  FSDP, replicated over dp, and sync_gradients reduces them.
+
+  At ep = 1 the dp group is the whole world: the experts are then sharded over all ranks like
+  the rest (divide factor world = dp, FSDP2's own average).
+
+Mixed precision for every unit: parameters gathered in the compute dtype, gradients reduced in
+fp32, fp32 master shards in the optimizer. On NCCL the expert division rides on the
+reduce-scatter (PREMUL_SUM 1/world); gloo has no PREMUL_SUM, so on CPU the units reduce with
+SUM and divide the reduced shard by world afterwards (same result).
+
+The experts module must be called as a module (the dispatcher's `experts(x, counts)`), so the
+unit's pre-forward all-gather runs; the 'gather'/'auto' expert layouts, which read the stacked
+weights directly, are refused here (and must not be switched on afterwards).
+
+Sharded experts are DTensors on the 1-D dp mesh with shape [E_l, ...] (EP-local). The
+checkpoint sees them through `global_expert`: a DTensor of the global [E, ...] shape on the
+same ranks ordered (ep, dp) with placements [Shard(0), Shard(0)], sharing the local storage.
+The balancer all-gathers a block over dp, moves experts over EP, and keeps `local_rows`.
 """
 
 from __future__ import annotations
@@ -16,18 +45,95 @@ import torch
 from .mesh import ParallelState
 
 
-def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dtype | None = None) -> None:
+def _moe_layers(model: torch.nn.Module) -> list:
+    from ..moe.layer import MoELayer
+
+    return [m for m in model.modules() if isinstance(m, MoELayer)]  # unique modules
+
+
+def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dtype | None = None,
+               shard_experts: bool = True) -> int:
+    """Shard `model` in place (see the module docstring). Returns the number of experts modules
+    sharded over dp (0 when shard_experts=False or dp == 1)."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    from ..moe.layer import MoELayer
+    from .expert_parallel import AllToAllDispatcher
+    from .grads import is_expert
 
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     world_mesh = init_device_mesh(device, (ps.world,), mesh_dim_names=("fsdp",))
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    experts = [p for m in model.modules() if isinstance(m, MoELayer) for p in m.experts.parameters()]
-    ignored = set(experts)
+    moe = _moe_layers(model)
+    n = 0
+    if shard_experts and ps.dp > 1:
+        dp_mesh = ps.mesh["dp"]
+        for layer in moe:
+            disp = layer.dispatcher
+            if isinstance(disp, AllToAllDispatcher) and disp.layout.layout != "ep":
+                raise ValueError(f"expert layout {disp.layout.layout!r} (experts all-gathered over the EP group) "
+                                 f"cannot run on FSDP-sharded experts; use the 'ep' layout or fsdp_experts=False")
+            ex = layer.experts
+            marked = {name for name, p in ex.named_parameters() if is_expert(p)}
+            fully_shard(ex, mesh=dp_mesh, mp_policy=mp)
+            # FSDP2 reduce-scatters over dp: sum over the replicas, then / world (not / dp).
+            ex.set_gradient_divide_factor(float(ps.world))
+            if device != "cuda":  # gloo has no PREMUL_SUM: plain SUM, then the division
+                ex.set_force_sum_reduction_for_comms(True)
+            for name, p in ex.named_parameters():  # fully_shard made new (DTensor) Parameters
+                if name in marked:
+                    p._ep_expert = True
+            n += 1
+    # experts not sharded above stay out of FSDP (replicated over dp, reduced by sync_gradients);
+    # sharded ones belong to their own unit, which the outer units skip
+    ignored = {p for m in moe for p in m.experts.parameters() if not _is_dtensor(p)}
     base = model.model if hasattr(model, "model") else model
     for layer in base.layers:
         fully_shard(layer, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
     fully_shard(model, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
+    return n
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local")
+
+
+_EXPERT_MESHES: dict[int, tuple] = {}  # id(ps.mesh) -> (ps.mesh, its (ep, dp) view)
+
+
+def expert_mesh(ps: ParallelState):
+    """ps.mesh's ranks ordered (ep, dp): mesh[e, d] = the rank at (dp = d, ep = e), built on the
+    existing ep and dp process groups (no new groups), so DTensors over it can communicate."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    hit = _EXPERT_MESHES.get(id(ps.mesh))
+    if hit is None or hit[0] is not ps.mesh:
+        view = DeviceMesh.from_group([ps.mesh.get_group("ep"), ps.mesh.get_group("dp")], ps.mesh.device_type,
+                                     mesh=ps.mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp"))
+        hit = _EXPERT_MESHES[id(ps.mesh)] = (ps.mesh, view)
+    return hit[1]
+
+
+def global_expert(t, ps: ParallelState):
+    """An EP-local expert tensor sharded over dp ([E_l, ...] DTensor on the dp mesh) as the global
+    [E, ...] DTensor it is a piece of: (ep, dp) mesh, [Shard(0), Shard(0)], sharing t's local
+    storage (so DCP saves from it and loads into it in place). Uneven shards (E_l % dp != 0)
+    follow torch.chunk, as FSDP2's do; the global shape and stride are given explicitly."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    shape = torch.Size((t.shape[0] * ps.ep, *t.shape[1:]))
+    stride = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        stride[i] = stride[i + 1] * shape[i + 1]
+    return DTensor.from_local(t.to_local(), expert_mesh(ps), [Shard(0), Shard(0)], run_check=False,
+                              shape=shape, stride=tuple(stride))
+
+
+def local_rows(n: int, ps: ParallelState) -> tuple[int, int]:
+    """Rows [lo, hi) of an EP-local [n, ...] block that this rank's dp shard holds (torch.chunk)."""
+    import torch.distributed as dist
+
+    d = dist.get_rank(ps.dp_group) if ps.dp > 1 else 0
+    c = -(-n // ps.dp)
+    lo = min(d * c, n)
+    return lo, min(lo + c, n)

@@ -7,6 +7,13 @@ Every rank's loss is the mean over its own tokens; the global loss is their mean
     every token its EP group sent it; the copies of that expert on the other dp ranks hold the
     rest. Sum over the dp group, divide by world. Averaging over the EP group (what DDP does to
     every parameter) or dividing twice is the classic EP bug; tests check the scale exactly.
+
+Parameters FSDP2 manages (DTensors, openmoe/parallel/fsdp.py) have had their gradient reduced
+by FSDP2 in backward with the same two rules (non-expert units over all ranks / world; expert
+units over the dp group only, divide factor world): sync_gradients skips them, and
+clip_grad_norm sums the squares of their local shards over all ranks, which counts each
+element of each global tensor exactly once (an FSDP-sharded expert element lives on one
+(dp, ep) rank only).
 """
 
 from __future__ import annotations
@@ -56,8 +63,8 @@ def _sq_norm(g: torch.Tensor) -> torch.Tensor:
 
 def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -> torch.Tensor:
     """Clip by the norm of the whole (sharded) gradient: replicated parts counted once, each
-    expert once (summed over the EP group), FSDP shards summed over all ranks. Returns the
-    total norm."""
+    replicated-over-dp expert once (summed over the EP group), FSDP shards (experts sharded
+    over dp included) summed over all ranks. Returns the total norm."""
     dense_sq = torch.zeros((), dtype=torch.float64)
     expert_sq = torch.zeros((), dtype=torch.float64)
     fsdp_sq = torch.zeros((), dtype=torch.float64)

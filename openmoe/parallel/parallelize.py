@@ -1,5 +1,6 @@
-"""parallelize(model, state): apply expert parallelism to a plain model from outside, as
-torchtitan does. Data parallelism is applied in the training step (sync_gradients)."""
+"""parallelize(model, state): apply expert parallelism (and optionally FSDP2) to a plain model
+from outside, as torchtitan does. Gradients of whatever FSDP2 does not manage are reduced in the
+training step (sync_gradients)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from .mesh import ParallelState
 
 
 def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool = False,
-                param_dtype: torch.dtype | None = None) -> torch.nn.Module:
-    """Give every rank rank 0's initial values (broadcast), shard experts over the EP group,
-    and with fsdp=True shard the other parameters over all ranks with FSDP2."""
+                param_dtype: torch.dtype | None = None, fsdp_experts: bool = True) -> torch.nn.Module:
+    """Give every rank rank 0's initial values (broadcast), split experts over the EP group, and
+    with fsdp=True shard the non-expert parameters over all ranks with FSDP2 and (fsdp_experts,
+    dp > 1) each EP rank's experts over its dp replicas (openmoe/parallel/fsdp.py)."""
     if not ps.distributed:
         return model
     import torch.distributed as dist
@@ -25,5 +27,5 @@ def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool = False,
     if fsdp:
         from .fsdp import apply_fsdp
 
-        apply_fsdp(model, ps, param_dtype)
+        apply_fsdp(model, ps, param_dtype, shard_experts=fsdp_experts)
     return model

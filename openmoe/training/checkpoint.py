@@ -1,10 +1,19 @@
 """Training checkpoints with torch.distributed.checkpoint (DCP): sharded, and resumable at a
-different world size or EP size.
+different world size, EP size or expert sharding.
 
-Each rank contributes its part: replicated tensors once (DCP de-duplicates them), expert
-tensors as DTensors sharded over the mesh's `ep` dimension (so the checkpoint knows their
-global [E, ...] shape). Loading builds the same description for the *current* layout and DCP
-reads the slices each rank needs, whatever layout wrote them.
+Each rank contributes its part and every tensor is described by its GLOBAL shape, so a
+checkpoint does not depend on the layout that wrote it:
+  - replicated tensors once (DCP de-duplicates them);
+  - FSDP2 shards of non-expert tensors as the DTensors FSDP2 made (sharded over all ranks);
+  - expert tensors (parameters and the optimizer states shaped like them) as global [E, ...]
+    DTensors: replicated over dp, EP blocks as DTensors over the (dp, ep) mesh with
+    [Replicate(), Shard(0)]; FSDP-sharded over dp (parallel/fsdp.py, fsdp_experts) as DTensors
+    over the same ranks ordered (ep, dp) with [Shard(0), Shard(0)]: the rank at (dp = d,
+    ep = e) holds rows chunk d (torch.chunk, uneven when E_l % dp != 0) of EP block e, which is
+    exactly FSDP2's shard, so DCP writes from and reads into the parameter's own storage.
+Loading builds the same description for the *current* layout and DCP reads the slices each
+rank needs, whatever layout wrote them (one process, ep/dp/world changed, experts sharded or
+not).
 
 Layout of step_XXXXXXXX/: DCP files (model and optimizer tensors), trainer_state.json (step,
 data position, scheduler, layout) and rng_rankNNNNN.pt. The folder is written as .tmp_step_*
@@ -24,6 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from ..parallel.fsdp import global_expert
 from ..parallel.grads import is_expert, is_sharded
 from ..parallel.mesh import ParallelState
 
@@ -45,12 +55,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 def _global(t: torch.Tensor, sharded: bool, ps: ParallelState):
-    """The tensor as DCP should see it: an expert shard becomes a DTensor over (dp, ep)."""
+    """The tensor as DCP should see it: an expert block of this EP rank becomes a global
+    [E, ...] DTensor, over (dp, ep) when replicated over dp, over (ep, dp) when FSDP2 shards it
+    over dp. (At ep = 1 an FSDP-sharded expert is already global: DCP takes it as it is.)"""
     if not (sharded and ps.distributed and ps.ep > 1):
         return t
+    if is_sharded(t):
+        return global_expert(t, ps)
     from torch.distributed.tensor import DTensor, Replicate, Shard
 
     return DTensor.from_local(t, ps.mesh, [Replicate(), Shard(0)], run_check=False)
+
+
+def _global_shape(p: torch.Tensor, ps: ParallelState) -> tuple:
+    shape = tuple(p.shape)  # a DTensor reports its (EP-local) global shape
+    if is_expert(p) and ps.distributed and ps.ep > 1 and shape:
+        shape = (shape[0] * ps.ep, *shape[1:])
+    return shape
 
 
 def _params(model) -> dict[str, torch.nn.Parameter]:
@@ -122,12 +143,14 @@ def latest(root: str | Path, ps: ParallelState | None = None) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> dict:
+def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple[dict, dict]:
     """Optimizer state is created lazily by torch; build empty tensors of the right local shape
-    for every entry the checkpoint has, so DCP can fill them."""
+    for every entry the checkpoint has, so DCP can fill them. Returns (what DCP loads into,
+    the tensors the optimizer keeps where they differ: FSDP-sharded expert states, whose
+    global view DCP fills in place)."""
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     params = _params(model)
-    out = {}
+    out, keep = {}, {}
     for key, md in meta.items():
         if not key.startswith("optim."):
             continue
@@ -137,13 +160,14 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> dict:
         p = params[name]
         shape = tuple(md.size)
         dtype = getattr(md.properties, "dtype", None) or torch.float32
-        if is_sharded(p) and shape == tuple(p.shape):  # FSDP2 parameter: state sharded like it
-            out[key] = torch.zeros_like(p, dtype=dtype)
+        if is_sharded(p) and shape == _global_shape(p, ps):  # FSDP2 parameter: state sharded like it
+            keep[key] = torch.zeros_like(p, dtype=dtype)
+            out[key] = _global(keep[key], is_expert(p), ps)
             continue
         sharded = is_expert(p) and len(shape) == p.dim() and shape[1:] == tuple(p.shape[1:]) and p.dim() > 0
         local_shape = tuple(p.shape) if sharded else shape
         out[key] = _global(torch.empty(local_shape, dtype=dtype, device=p.device), sharded, ps)
-    return out
+    return out, keep
 
 
 def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = None) -> dict:
@@ -151,7 +175,8 @@ def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = Non
     if not (path / "trainer_state.json").is_file() or not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint {path}: incomplete (no trainer_state.json or DCP .metadata)")
     state = json.loads((path / "trainer_state.json").read_text())
-    sd = {**_model_state(model, ps), **_empty_optim_state(model, optimizer, path, ps)}
+    optim_sd, keep = _empty_optim_state(model, optimizer, path, ps)
+    sd = {**_model_state(model, ps), **optim_sd}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         dcp.load(sd, checkpoint_id=str(path))
@@ -167,6 +192,8 @@ def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = Non
         if key.startswith("optim."):
             name, k = key[len("optim."):].rsplit(".", 1)
             p = params[name]
+            if key in keep:
+                v = keep[key]  # the FSDP DTensor whose storage DCP filled
             optimizer.state[p][k] = v if is_sharded(p) else (v.to_local() if is_sharded(v) else v)
     scheduler.load_state_dict(state.pop("scheduler"))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):

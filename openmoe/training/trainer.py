@@ -74,7 +74,8 @@ class Trainer:
             raise ConfigError(f"fsdp={cfg.fsdp}: the trainer shards over all ranks (fsdp = world = {self.ps.world}) "
                               f"or not at all (fsdp = 1); hybrid sharding groups are not implemented")
         self.model = parallelize(self._build_model().to(self.device), self.ps, fsdp=cfg.fsdp > 1,
-                                 param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None)
+                                 param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
+                                 fsdp_experts=cfg.fsdp_experts)
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
             from ..peft.training import prepare_model
 
@@ -117,9 +118,15 @@ class Trainer:
             self.flops_per_token = lora_flops_per_token(self.model, cfg.seq_len)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_peak(self.amp_dtype, self.device) * 1e9
         self.peak_flops = peak
-        n_params = sum(p.numel() for p in self.model.parameters())
-        n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        local = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in self.model.parameters()]
+        n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
+        n_train = sum(t.numel() for t, trained in local if trained)
         self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
+        if cfg.fsdp > 1:
+            sharded = cfg.fsdp_experts and self.ps.dp > 1
+            self.log(f"fsdp: non-expert parameters sharded over all {self.ps.world} ranks; experts split by ep "
+                     f"{self.ps.ep}, " + (f"sharded over dp {self.ps.dp} (FSDP2, gradients reduced over dp, "
+                                          f"divided by world)" if sharded else "replicated over dp"))
         self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
                  f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "

@@ -21,10 +21,12 @@ def _metrics(out_dir):
     return [json.loads(l) for l in open(Path(out_dir) / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("nproc,extra", [(2, ["--balance_every", "2"]), (4, ["--fsdp", "4"])])
-def test_torchrun_ep2_matches_single_process(run_setup, nproc, extra):
+# 8 experts (4 per EP rank) leave the balancer placements to improve on; 6 experts at dp 2 x ep 2
+# shard 3 rows per EP block unevenly (2 + 1) over dp under FSDP2.
+@pytest.mark.parametrize("nproc,extra,E", [(2, ["--balance_every", "2"], 8), (4, ["--fsdp", "4"], 6)])
+def test_torchrun_ep2_matches_single_process(run_setup, nproc, extra, E):
     common = run_setup + ["--steps", "4", "--model_overrides.capacity_policy", "dropless",
-                          "--model_overrides.router_aux_loss_coef", "0"]
+                          "--model_overrides.router_aux_loss_coef", "0", "--model_overrides.num_experts", str(E)]
     out = _arg(run_setup, "--out_dir")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OPENMOE_NO_TQDM="1", OMP_NUM_THREADS="1")
     single = subprocess.run([sys.executable, str(ROOT / "train.py"), *common, "--batch_size", "4",
@@ -35,6 +37,8 @@ def test_torchrun_ep2_matches_single_process(run_setup, nproc, extra):
                            *extra, "--out_dir", out + "_ep2"], capture_output=True, text=True, env=env, cwd=ROOT)
     assert dist.returncode == 0, dist.stderr[-3000:]
     assert f"world {nproc} = dp {nproc // 2} x ep 2" in dist.stdout
+    if "--fsdp" in extra:  # the hierarchical path: experts FSDP-sharded over their dp replicas
+        assert "experts split by ep 2, sharded over dp 2" in dist.stdout, dist.stdout[-2000:]
     a, b = _metrics(out + "_single"), _metrics(out + "_ep2")
     moves = [r for r in b if "rank_load_before" in r]
     if "--balance_every" in extra:
@@ -50,16 +54,20 @@ def test_torchrun_ep2_matches_single_process(run_setup, nproc, extra):
     ma = AutoModelForCausalLM.from_pretrained(out + "_single/final")
     mb = AutoModelForCausalLM.from_pretrained(out + "_ep2/final")  # consolidated, back in logical order
     for (n, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
-        # Adam divides by sqrt(v): lm_head rows of unseen tokens have ~0 gradients, whose
-        # summation-order noise it turns into updates of up to ~4e-5 after 4 steps (seen).
+        # Adam divides by sqrt(v): elements with ~0 gradients (lm_head rows of unseen tokens,
+        # single elements of seen rows) have their summation-order noise turned into updates
+        # of up to ~lr: seen 4e-4 on one lm_head row after 4 steps at 2 and 4 ranks, while the
+        # gradients agree to 1e-5. So: nearly every element within 1e-4, none beyond 1e-3.
         # A wrong gradient scale shows in grad_norm above; Adam itself is scale-invariant.
-        assert pa.shape == pb.shape and torch.allclose(pa, pb, atol=1e-4), (n, (pa - pb).abs().max())
+        diff = (pa - pb).abs()
+        assert pa.shape == pb.shape and diff.max() < 1e-3 and (diff > 1e-4).float().mean() < 1e-3, \
+            (n, diff.max(), int((diff > 1e-4).sum()))
     import torch.distributed.checkpoint as dcp
 
     ck = Path(out + "_ep2") / "checkpoints" / "step_00000004"
     meta = dcp.FileSystemReader(str(ck)).read_metadata().state_dict_metadata
-    assert tuple(meta["model.model.layers.1.mlp.experts.wi_gate"].size)[0] == 4  # global [E, ...] shape
-    assert tuple(meta["optim.model.layers.1.mlp.experts.wo.exp_avg"].size)[0] == 4
+    assert tuple(meta["model.model.layers.1.mlp.experts.wi_gate"].size)[0] == E  # global [E, ...] shape
+    assert tuple(meta["optim.model.layers.1.mlp.experts.wo.exp_avg"].size)[0] == E
 
 
 def _torchrun(n, args, env):
@@ -71,8 +79,9 @@ def _torchrun(n, args, env):
 
 
 def test_resume_at_another_world_size(run_setup):
-    """Save at 4 ranks (dp 2 x ep 2), resume at 2 (ep 2); save there, resume at 4 again. The
-    global batch stays 4 sequences; the loss continues as in the uninterrupted run."""
+    """Save at 4 ranks (dp 2 x ep 2, FSDP2 with experts sharded over dp), resume at 2 (ep 2, no
+    FSDP); save there, resume at 4 again (sharded). The global batch stays 4 sequences; the loss
+    continues as in the uninterrupted run."""
     import shutil
 
     out = _arg(run_setup, "--out_dir")
@@ -80,14 +89,17 @@ def test_resume_at_another_world_size(run_setup):
                           "--model_overrides.router_aux_loss_coef", "0", "--model_overrides.output_z_loss_coef", "0",
                           "--save_every", "2", "--keep_last", "5"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", OPENMOE_NO_TQDM="1", OMP_NUM_THREADS="1")
-    _torchrun(4, common + ["--batch_size", "1", "--steps", "4", "--out_dir", out + "_a"], env)
+    r = _torchrun(4, common + ["--batch_size", "1", "--steps", "4", "--fsdp", "4", "--out_dir", out + "_a"], env)
+    assert "sharded over dp 2" in r.stdout
     (Path(out + "_b") / "checkpoints").mkdir(parents=True)
     shutil.copytree(Path(out + "_a") / "checkpoints" / "step_00000002", Path(out + "_b") / "checkpoints" / "step_00000002")
     r = _torchrun(2, common + ["--batch_size", "2", "--steps", "6", "--out_dir", out + "_b", "--resume"], env)
     assert "resumed from" in r.stdout
     (Path(out + "_c") / "checkpoints").mkdir(parents=True)
     shutil.copytree(Path(out + "_b") / "checkpoints" / "step_00000004", Path(out + "_c") / "checkpoints" / "step_00000004")
-    _torchrun(4, common + ["--batch_size", "1", "--steps", "6", "--out_dir", out + "_c", "--resume"], env)
+    r = _torchrun(4, common + ["--batch_size", "1", "--steps", "6", "--fsdp", "4", "--out_dir", out + "_c",
+                               "--resume"], env)
+    assert "resumed from" in r.stdout and "sharded over dp 2" in r.stdout
     a = {r["step"]: r["lm_loss"] for r in _metrics(out + "_a")}
     b = {r["step"]: r["lm_loss"] for r in _metrics(out + "_b")}
     c = {r["step"]: r["lm_loss"] for r in _metrics(out + "_c")}
