@@ -56,7 +56,7 @@ class OpenMoeConfig(PreTrainedConfig):
     router_group_size: int = 4096  # t5x max_group_size
     norm_topk_prob: bool = False
     router_jitter_noise: float = 0.0
-    experts_implementation_name: str = "grouped_mm"  # "grouped_mm" or "eager" (per-expert loop)
+    experts_implementation_name: str = "auto"  # "grouped_mm", "eager" (per-expert loop), "auto" (per device/dtype)
     # Losses
     router_aux_loss_coef: float = 0.01
     router_z_loss_coef: float = 1e-4
@@ -116,7 +116,7 @@ class OpenMoeConfig(PreTrainedConfig):
              "must be a non-negative integer")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.hidden_act == "silu", "hidden_act", "OpenMoE's gated MLP uses silu")
-        need(self.experts_implementation_name in ("grouped_mm", "eager"), "experts_implementation_name",
+        need(self.experts_implementation_name in ("auto", "grouped_mm", "eager"), "experts_implementation_name",
              "choose 'grouped_mm' or 'eager'")
         for f in ("router_aux_loss_coef", "router_z_loss_coef", "output_z_loss_coef", "router_jitter_noise"):
             v = getattr(self, f)

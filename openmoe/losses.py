@@ -29,8 +29,8 @@ class _LMAndZLoss(torch.autograd.Function):
     def backward(ctx, g_lm, g_z):
         logits_NV, target_N, w_lm_N, w_z_N, lse_N = ctx.saved_tensors
         scale_N = g_lm * w_lm_N + g_z * 2.0 * w_z_N * lse_N
-        grad = torch.exp(logits_NV - lse_N[:, None])  # softmax: the one [N, V] allocation
-        grad.mul_(scale_N[:, None])
+        grad = logits_NV - lse_N[:, None]  # the one [N, V] allocation: softmax built in place
+        grad.exp_().mul_(scale_N[:, None])
         grad.scatter_add_(1, target_N[:, None], (-g_lm * w_lm_N)[:, None])
         return grad, None, None, None
 

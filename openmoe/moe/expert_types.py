@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import compute_dtype, grouped_mm, grouped_mm_available
+from .experts import compute_dtype, grouped_mm, grouped_mm_available, resolve_implementation
 
-EXPERT_IMPLEMENTATIONS = ("grouped_mm", "eager")
+EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 
 
 def activation(name_or_fn: str | Callable) -> Callable:
@@ -42,7 +42,7 @@ class StackedExperts(nn.Module):
 
     stacked: tuple[str, ...] = ()
 
-    def __init__(self, num_experts: int, implementation: str = "grouped_mm"):
+    def __init__(self, num_experts: int, implementation: str = "auto"):
         super().__init__()
         if implementation not in EXPERT_IMPLEMENTATIONS:
             raise ValueError(f"experts implementation {implementation!r}: choose one of {EXPERT_IMPLEMENTATIONS}")
@@ -57,7 +57,8 @@ class StackedExperts(nn.Module):
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dt = compute_dtype(x_NH, self._matrices()[0])
-        if self.implementation == "grouped_mm" and grouped_mm_available(x_NH, *self._matrices(), dtype=dt):
+        impl = resolve_implementation(self.implementation, x_NH, dt)
+        if impl == "grouped_mm" and grouped_mm_available(x_NH, *self._matrices(), dtype=dt):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
             rows = {}
 
@@ -83,8 +84,9 @@ class StackedExperts(nn.Module):
                 continue
 
             def linear(x, w_name, b_name=None, e=e):
-                y = x.to(dt) @ parts[w_name][e].to(dt)
-                return y if b_name is None else y + parts[b_name][e].to(y.dtype)
+                if b_name is None:
+                    return x.to(dt) @ parts[w_name][e].to(dt)
+                return torch.addmm(parts[b_name][e].to(dt), x.to(dt), parts[w_name][e].to(dt))
 
             outs.append(self.ffn(x_NH[start:start + n], linear))
             start += n
@@ -119,7 +121,7 @@ class SwiGLUExperts(StackedExperts):
     stacked = ("w_gate", "w_up", "w_down")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 implementation: str = "grouped_mm", dropout: float = 0.0):
+                 implementation: str = "auto", dropout: float = 0.0):
         super().__init__(num_experts, implementation)
         E, H, I = num_experts, hidden_size, intermediate_size
         self.w_gate = nn.Parameter(torch.empty(E, H, I))
@@ -139,7 +141,7 @@ class MLPExperts(StackedExperts):
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
                  activation_fn: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
-                 implementation: str = "grouped_mm"):
+                 implementation: str = "auto"):
         super().__init__(num_experts, implementation)
         E, H, I = num_experts, hidden_size, intermediate_size
         self.w_in = nn.Parameter(torch.empty(E, H, I))
@@ -221,7 +223,7 @@ class ModuleExperts(nn.Module):
 
 def build_experts(experts, num_experts: int, hidden_size: int, intermediate_size: int | None,
                   activation_fn: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
-                  implementation: str = "grouped_mm") -> nn.Module:
+                  implementation: str = "auto") -> nn.Module:
     """`experts` is "openmoe" | "swiglu" | "mlp" | a factory of one expert module."""
     from .experts import OpenMoeExperts
 

@@ -5,7 +5,8 @@ OpenMoE's expert is the three-way gated MLP of the reference (section 2):
 with wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (the T5X / ColossalAI layout, used as
 x @ W[e] with no transpose, so checkpoints load as they are).
 
-Backends get tokens already sorted by expert plus the count per expert:
+Backends get tokens already sorted by expert plus the count per expert ("auto", the default,
+picks one per device and dtype: resolve_implementation):
   eager       a plain loop over experts: the reference, and the path for any dtype/device.
   grouped_mm  torch.nn.functional.grouped_mm (or torch._grouped_mm): one kernel per projection.
 """
@@ -94,13 +95,25 @@ def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
     return all(d * size % 16 == 0 for d in dims)
 
 
+def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> str:
+    """"auto" -> the faster kernel for this device and dtype, measured (docs/benchmarks.md):
+    torch's CPU grouped_mm is ~7% ahead of the per-expert loop in fp32 but 13-28% behind it in
+    bf16 (its backward), so the loop on CPU in 16-bit, grouped_mm otherwise. Same math either
+    way (the loop is the reference)."""
+    if name != "auto":
+        return name
+    if x.device.type == "cpu" and compute in (torch.bfloat16, torch.float16):
+        return "eager"
+    return "grouped_mm"
+
+
 class OpenMoeExperts(nn.Module):
     """E gated MLPs as stacked weights. forward(x sorted by expert, tokens per expert)."""
 
     stacked = ("wi_gate", "wi_up", "wo")
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 implementation: str = "grouped_mm"):
+                 implementation: str = "auto"):
         super().__init__()
         E, H, I = num_experts, hidden_size, intermediate_size
         self.num_experts = E
@@ -110,10 +123,10 @@ class OpenMoeExperts(nn.Module):
         self.implementation = implementation
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        name = self.implementation
-        if name not in EXPERT_BACKENDS:
-            raise ValueError(f"unknown experts implementation {name!r}; have {sorted(EXPERT_BACKENDS)}")
         dt = compute_dtype(x_NH, self.wi_gate)
+        name = resolve_implementation(self.implementation, x_NH, dt)
+        if name not in EXPERT_BACKENDS:
+            raise ValueError(f"unknown experts implementation {name!r}; have {sorted(EXPERT_BACKENDS)} or 'auto'")
         if name == "grouped_mm" and not grouped_mm_available(x_NH, self.wi_gate, self.wi_up, self.wo, dtype=dt):
             # Same math, another kernel: the loop is the reference implementation.
             name = "eager"

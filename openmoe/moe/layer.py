@@ -69,7 +69,7 @@ class MoELayer(nn.Module):
                  capacity: CapacityPolicy | str | float | None = "dropless", noise=None,
                  aux_loss: float = 0.0, z_loss: float = 0.0, norm_topk_prob: bool = False,
                  activation: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
-                 experts_implementation: str = "grouped_mm"):
+                 experts_implementation: str = "auto"):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts)):
             if not isinstance(v, int) or v < 1:

@@ -97,7 +97,7 @@ class GatedExperts(SwiGLUExperts):
     parameter names, so checkpoints and expert parallelism treat it the same."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 act: Callable, implementation: str = "grouped_mm"):
+                 act: Callable, implementation: str = "auto"):
         super().__init__(num_experts, hidden_size, intermediate_size, implementation)
         self.act = act
 
@@ -334,7 +334,7 @@ def upcycle(model: nn.Module, *, num_experts: int = 8, top_k: int = 2, every: in
             layers: Iterable[int] | None = None, capacity: CapacityPolicy | str | float = "dropless",
             aux_loss: float = 0.01, z_loss: float = 0.001, noise: RouterNoise | str | None = None,
             norm_topk_prob: bool = True, router_init_std: float = 0.02,
-            experts_implementation: str = "grouped_mm", layers_path: str | None = None,
+            experts_implementation: str = "auto", layers_path: str | None = None,
             seed: int | None = None) -> nn.Module:
     """Sparse-upcycle `model` in place (and return it): the MLPs of the chosen decoder layers become
     UpcycledMoE modules with `num_experts` copies of the dense MLP and a new router.

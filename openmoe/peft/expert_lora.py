@@ -25,7 +25,8 @@ import types
 
 import torch
 
-from ..moe.experts import gated_mlp, grouped_mm, grouped_mm_available, register_expert_backend
+from ..moe.experts import (compute_dtype, gated_mlp, grouped_mm, grouped_mm_available, register_expert_backend,
+                           resolve_implementation)
 
 BACKEND = "lora"
 PROJECTIONS = ("wi_gate", "wi_up", "wo")
@@ -63,7 +64,8 @@ def expert_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, cou
 
 
 def _projection(experts, name: str, x: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    use_grouped = getattr(experts, "_lora_base_impl", "grouped_mm") == "grouped_mm"
+    base = getattr(experts, "_lora_base_impl", "grouped_mm")
+    use_grouped = resolve_implementation(base, x, compute_dtype(x, x)) == "grouped_mm"
     quantized = getattr(experts, "_quantized", None)
     if quantized is not None and name in quantized:  # QLoRA: the stack is stored 4/8-bit
         y = quantized[name].grouped_mm(x, offs, counts)

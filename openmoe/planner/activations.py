@@ -120,4 +120,6 @@ class TokenBytes:
         return 4 * self.H + 12 + (4 * self.H + 8 if router_in_graph else 0)
 
     def loss(self) -> int:
-        return 8 * self.cfg.vocab_size + 20
+        # openmoe/losses.py keeps the fp32 logits and per token: log-sum-exp, target id and two
+        # weights (no log-softmax copy)
+        return 4 * self.cfg.vocab_size + 20

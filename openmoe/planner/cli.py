@@ -128,7 +128,7 @@ def plan_text(cfg, world: int | None = None) -> tuple[str, bool]:
     """(the table, whether it fits device_memory: True when none is given)."""
     mcfg = model_config(cfg)
     w = workload(cfg)
-    lay = Layout(world or cfg.world or default_world(), cfg.ep, cfg.fsdp)
+    lay = Layout(world or cfg.world or default_world(), cfg.ep, cfg.fsdp, cfg.fsdp_experts)
     p = plan_memory(mcfg, w, lay)
     budget = parse_size(cfg.device_memory) if cfg.device_memory else None
     sugg = suggest(mcfg, w, budget) if budget is not None and not p.fits(budget) else None

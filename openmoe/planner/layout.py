@@ -1,9 +1,10 @@
 """Parallel layouts the planner models, sizes like "80GB", and checks of the planner's flags.
 
 A layout is the trainer's: `world` ranks; `ep` of them split the experts between them (expert
-parallelism, E / ep experts per rank, replicated over dp = world / ep); `fsdp` = world shards
+parallelism, E / ep experts per rank, over dp = world / ep replicas); `fsdp` = world shards
 every non-expert parameter (and its gradient and optimizer state) over all ranks with FSDP2
-(openmoe/parallel/fsdp.py, which keeps the experts out of FSDP), fsdp = 1 replicates them.
+(openmoe/parallel/fsdp.py) and, with `fsdp_experts` (the trainer's default), each rank's expert
+block over its dp replicas too (EZ-MoE), so experts are split world ways; fsdp = 1 replicates.
 """
 
 from __future__ import annotations
@@ -37,6 +38,11 @@ class Layout:
     world: int = 1
     ep: int = 1
     fsdp: int = 1
+    fsdp_experts: bool = True
+
+    @property
+    def experts_fsdp_sharded(self) -> bool:
+        return self.fsdp > 1 and self.fsdp_experts and self.dp > 1
 
     @property
     def dp(self) -> int:
@@ -49,7 +55,7 @@ class Layout:
 
     @property
     def expert_shard(self) -> int:
-        return self.ep
+        return self.ep * (self.dp if self.experts_fsdp_sharded else 1)
 
     def check(self, num_experts: int | None = None) -> "Layout":
         for k in ("world", "ep", "fsdp"):
@@ -67,6 +73,8 @@ class Layout:
 
     def __str__(self) -> str:
         fsdp = f", FSDP2 over all {self.fsdp} ranks" if self.fsdp > 1 else ""
+        if self.experts_fsdp_sharded:
+            fsdp += f" (experts also over dp {self.dp})"
         return f"world {self.world} = dp {self.dp} x ep {self.ep}{fsdp}"
 
 
@@ -107,4 +115,4 @@ def check_plan_fields(cfg) -> None:
         if not cfg.plan:
             raise ValueError(f"world={cfg.world}: --world is for --plan (a run takes WORLD_SIZE from torchrun)")
     if cfg.plan:
-        Layout(cfg.world or default_world(), cfg.ep, cfg.fsdp).check()
+        Layout(cfg.world or default_world(), cfg.ep, cfg.fsdp, cfg.fsdp_experts).check()

@@ -194,10 +194,11 @@ class _Stages:
         T, V = self.T, self.cfg.vocab_size
         s = {"norms + residual stream": self.tb.norm(True, n.norms_train, int(n("lm_head"))) * T,
              "logits + loss": self.tb.loss() * T, "autocast weight copies": self.cast_bytes(ps)}
-        # the loss's backward: three fp32 logits-sized gradients (log-softmax, logsumexp for the
-        # output z-loss, their sum), measured on CPU; and the hidden state's gradient
+        # the loss's backward: one fp32 logits-sized gradient (openmoe/losses.py builds it in
+        # place), its cast to the compute dtype for lm_head, and the hidden state's gradient
+        cast = self.w.c * V * T if self.w.c < 4 else 0
         return Unit("head (norm, lm_head, loss)", s, grads=self.grads(ps),
-                    bwd_buffers=3 * 4 * V * T + 4 * self.cfg.hidden_size * T)
+                    bwd_buffers=4 * V * T + cast + 4 * self.cfg.hidden_size * T)
 
 
 def _units(cfg, params: list[Param], trains: dict, lora: dict, w: Workload, lay: Layout) -> list[Unit]:
@@ -213,15 +214,19 @@ def _units(cfg, params: list[Param], trains: dict, lora: dict, w: Workload, lay:
 
 # ---------------------------------------------------------------------------------- the step
 def _fsdp_buffers(params: list[Param], w: Workload, lay: Layout) -> float:
-    """FSDP2 (openmoe/parallel/fsdp.py: one unit per decoder layer plus the root, experts left
-    out): the root's weights gathered in the compute dtype for the whole step, two layers'
-    gathered at a time (one prefetched), and, when the weights train, the unsharded fp32
-    gradients of the largest unit before its reduce-scatter."""
+    """FSDP2 (openmoe/parallel/fsdp.py: one unit per decoder layer plus the root, and with
+    experts sharded over dp one more per MoE layer's expert block): the root's weights gathered
+    in the compute dtype for the whole step, two units gathered at a time (one prefetched), and,
+    when the weights train, the unsharded fp32 gradients of the largest unit before its
+    reduce-scatter."""
     units: dict = {}
     for p in params:
         if p.kind != "experts":
             key = p.layer if p.layer is not None else "root"
             units[key] = units.get(key, 0) + p.numel
+        elif lay.experts_fsdp_sharded:  # this rank's E/ep block, gathered over dp
+            key = ("experts", p.layer)
+            units[key] = units.get(key, 0) + p.numel / lay.ep
     root = units.pop("root", 0)
     layer = max(units.values(), default=0)
     return w.c * (root + 2 * layer) + (0 if w.peft else 4 * max(root, layer))

@@ -39,6 +39,13 @@ def test_8b_full_finetuning_states_by_hand():
     experts = 4 * 32 * (2048 * 16384 + 2048 * 8192 + 8192 * 2048)
     p8 = plan_memory(cfg, Workload(batch=1, seq=2048, compute="bf16"), Layout(8, ep=8, fsdp=8))
     assert _rows(p8)["parameters"] == pytest.approx(4 * (experts / 8 + (N_8B - experts) / 8))
+    # EP 2 x dp 4 with FSDP2: experts split 2 ways by EP and 4 ways over their dp replicas (EZ-MoE)
+    # = 8 ways, as the trainer does by default; without it only the EP split
+    p2 = plan_memory(cfg, Workload(batch=1, seq=2048, compute="bf16"), Layout(8, ep=2, fsdp=8))
+    assert _rows(p2)["parameters"] == pytest.approx(4 * (experts / 8 + (N_8B - experts) / 8))
+    p2r = plan_memory(cfg, Workload(batch=1, seq=2048, compute="bf16"), Layout(8, ep=2, fsdp=8, fsdp_experts=False))
+    assert _rows(p2r)["parameters"] == pytest.approx(4 * (experts / 2 + (N_8B - experts) / 8))
+    assert "experts also over dp 4" in str(Layout(8, ep=2, fsdp=8))
 
 
 def test_8b_lora_parameter_count_by_hand():
