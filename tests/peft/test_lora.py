@@ -55,7 +55,7 @@ def test_each_target_kind_trains_and_merges_to_the_same_logits(tiny, kind):
 
 
 def test_expert_lora_runs_three_grouped_gemms_per_projection_on_the_stacked_weights(tiny, monkeypatch):
-    m = _model(tiny)
+    m = _model(tiny, experts_implementation_name="grouped_mm")  # "auto" would pick the loop on CPU
     attach_lora(m, LoraSpec(rank=4, targets=("experts",)))
     stacks = [ex for ex in m.modules() if isinstance(ex, OpenMoeExperts)]
     assert len(stacks) == 2 and all(ex.implementation == expert_lora.BACKEND for ex in stacks)
