@@ -96,13 +96,15 @@ def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
 
 
 def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> str:
-    """"auto" -> the faster kernel for this device, as measured (docs/benchmarks.md): on CPU,
-    F.grouped_mm is itself a loop of GEMMs, and the per-expert loop is as fast in fp32 and
-    13-28% faster in bf16 (grouped_mm's CPU bf16 backward is slow); on CUDA grouped_mm is one
-    kernel. Same math either way (the loop is the reference)."""
+    """"auto" -> the faster kernel for this device and dtype, as measured on a whole OpenMoE
+    training step (docs/benchmarks.md, "Expert kernels"): on CPU the per-expert loop is 13-28%
+    faster in bf16 (torch's CPU grouped_mm bf16 backward is slow) and ~7% slower in fp32; on
+    CUDA grouped_mm is one kernel. Same math either way (the loop is the reference)."""
     if name != "auto":
         return name
-    return "eager" if x.device.type == "cpu" else "grouped_mm"
+    if x.device.type == "cpu" and compute in (torch.bfloat16, torch.float16):
+        return "eager"
+    return "grouped_mm"
 
 
 class OpenMoeExperts(nn.Module):
