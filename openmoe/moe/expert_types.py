@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import compute_dtype, grouped_mm, grouped_mm_available, resolve_implementation
+from .experts import compute_dtype, grouped_mm, grouped_mm_available, resolve_implementation, shard_stacked_
 
 EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 
@@ -95,13 +95,7 @@ class StackedExperts(nn.Module):
         return torch.cat(outs)
 
     def shard_(self, lo: int, hi: int) -> None:
-        """Keep experts [lo, hi) (expert parallelism); the kept parameters are marked as experts."""
-        for name in self.stacked:
-            full = getattr(self, name)
-            local = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
-            local._ep_expert = True
-            setattr(self, name, local)
-        self.num_experts = hi - lo
+        shard_stacked_(self, lo, hi)
 
     def stacked_parameters(self) -> list[nn.Parameter]:
         return [getattr(self, n) for n in self.stacked]

@@ -95,6 +95,17 @@ def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.d
     return all(d * size % 16 == 0 for d in dims)
 
 
+def shard_stacked_(experts: nn.Module, lo: int, hi: int) -> None:
+    """Keep experts [lo, hi) of every stack named in `experts.stacked` (expert parallelism); the
+    kept parameters are marked as experts (`_ep_expert`)."""
+    for name in experts.stacked:
+        full = getattr(experts, name)
+        local = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
+        local._ep_expert = True
+        setattr(experts, name, local)
+    experts.num_experts = hi - lo
+
+
 def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> str:
     """"auto" -> the faster kernel for this device and dtype, as measured on a whole OpenMoE
     training step (docs/benchmarks.md, "Expert kernels"): on CPU the per-expert loop is 13-28%
@@ -140,10 +151,4 @@ class OpenMoeExperts(nn.Module):
         return [getattr(self, n) for n in self.stacked]
 
     def shard_(self, lo: int, hi: int) -> None:
-        """Keep experts [lo, hi) (expert parallelism); the kept parameters are marked as experts."""
-        for name in self.stacked:
-            full = getattr(self, name)
-            local = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
-            local._ep_expert = True
-            setattr(self, name, local)
-        self.num_experts = hi - lo
+        shard_stacked_(self, lo, hi)
