@@ -28,6 +28,17 @@ fp32, fp32 master shards in the optimizer. On NCCL the expert division rides on 
 reduce-scatter (PREMUL_SUM 1/world); gloo has no PREMUL_SUM, so on CPU the units reduce with
 SUM and divide the reduced shard by world afterwards (same result).
 
+Hybrid sharding (HSDP, 1 < shard_size = k < world, k dividing world): the non-expert units are
+sharded over groups of k consecutive ranks and replicated over the world / k such groups, on a
+2-D (replicate, shard) mesh (rank r at (r // k, r % k)); parameters are DTensors with placements
+[Replicate(), Shard(0)]. FSDP2 reduce-scatters each unit's gradient over the shard group and
+all-reduces the shard over the replicate group: the sum over all ranks, divided by world (the
+same average as full sharding). gloo (torch 2.13) runs both collectives on CPU, with FSDP2's
+default AVG ops too (checked); the CPU path nonetheless uses SUM and divides the reduced shard
+by world afterwards (force_sum_reduction_for_comms), like the expert units, so only SUM is
+needed. In hybrid mode the experts stay out of FSDP (split by EP, replicated over dp, reduced
+by grads.sync_gradients), whatever shard_experts says.
+
 The experts module must be called as a module (the dispatcher's `experts(x, counts)`), so the
 unit's pre-forward all-gather runs; the 'gather'/'auto' expert layouts, which read the stacked
 weights directly, are refused here (and must not be switched on afterwards).
@@ -51,22 +62,42 @@ def _moe_layers(model: torch.nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, MoELayer)]  # unique modules
 
 
-def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dtype | None = None,
-               shard_experts: bool = True) -> int:
-    """Shard `model` in place (see the module docstring). Returns the number of experts modules
-    sharded over dp (0 when shard_experts=False or dp == 1)."""
+def check_shard_size(shard_size: int, world: int) -> None:
+    """1 < shard_size <= world and dividing it (ValueError otherwise)."""
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 2 or world % shard_size:
+        raise ValueError(f"fsdp={shard_size!r}: the FSDP2 shard group size must divide the world size {world} "
+                         f"(1 = off, {world} = all ranks, in between = hybrid sharding groups)")
+
+
+def dense_mesh(ps: ParallelState, shard_size: int, device: str):
+    """The mesh of the non-expert units: 1-D over all ranks ("fsdp") when shard_size == world,
+    else 2-D (replicate = world // k, shard = k), shard groups of k consecutive ranks."""
     from torch.distributed.device_mesh import init_device_mesh
+
+    if shard_size == ps.world:
+        return init_device_mesh(device, (ps.world,), mesh_dim_names=("fsdp",))
+    return init_device_mesh(device, (ps.world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dtype | None = None,
+               shard_experts: bool = True, shard_size: int | None = None) -> int:
+    """Shard `model` in place (see the module docstring); shard_size: the FSDP2 shard group size
+    (default: world; 1 < k < world: hybrid sharding). Returns the number of experts modules
+    sharded over dp (0 when shard_experts=False, dp == 1 or hybrid)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .expert_parallel import AllToAllDispatcher
     from .grads import is_expert
 
+    k = ps.world if shard_size is None else shard_size
+    check_shard_size(k, ps.world)
+    hybrid = k < ps.world
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
-    world_mesh = init_device_mesh(device, (ps.world,), mesh_dim_names=("fsdp",))
+    world_mesh = dense_mesh(ps, k, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     moe = _moe_layers(model)
     n = 0
-    if shard_experts and ps.dp > 1:
+    if shard_experts and ps.dp > 1 and not hybrid:
         dp_mesh = ps.mesh["dp"]
         for layer in moe:
             disp = layer.dispatcher
@@ -88,9 +119,12 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     # sharded ones belong to their own unit, which the outer units skip
     ignored = {p for m in moe for p in m.experts.parameters() if not _is_dtensor(p)}
     base = model.model if hasattr(model, "model") else model
-    for layer in base.layers:
-        fully_shard(layer, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
-    fully_shard(model, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
+    units = list(base.layers) + [model]
+    for unit in units:
+        fully_shard(unit, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
+    if hybrid and device != "cuda":  # CPU/gloo: SUM collectives only, then / world
+        for unit in units:
+            unit.set_force_sum_reduction_for_comms(True)
     return n
 
 

@@ -11,9 +11,10 @@ Every rank's loss is the mean over its own tokens; the global loss is their mean
 Parameters FSDP2 manages (DTensors, openmoe/parallel/fsdp.py) have had their gradient reduced
 by FSDP2 in backward with the same two rules (non-expert units over all ranks / world; expert
 units over the dp group only, divide factor world): sync_gradients skips them, and
-clip_grad_norm sums the squares of their local shards over all ranks, which counts each
-element of each global tensor exactly once (an FSDP-sharded expert element lives on one
-(dp, ep) rank only).
+clip_grad_norm sums the squares of their local shards over all ranks, counting each local shard
+only on the ranks at coordinate 0 of every mesh dimension it is replicated over (a DTensor's
+Replicate() placements: HSDP's replicate dimension), so each element of each global tensor is
+counted exactly once (an FSDP-sharded expert element lives on one (dp, ep) rank only).
 """
 
 from __future__ import annotations
@@ -56,6 +57,17 @@ def sync_gradients(model: torch.nn.Module, ps: ParallelState) -> None:
     _allreduce_sum(experts, ps.dp_group, 1.0 / ps.world)
 
 
+def _counted_here(t) -> bool:
+    """Whether this rank counts its local shard of DTensor t in the norm: the one copy at
+    coordinate 0 of every mesh dimension t is replicated over (HSDP: the first shard group)."""
+    from torch.distributed.tensor import Replicate
+
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:  # not on this mesh
+        return False
+    return all(c == 0 for c, pl in zip(coord, t.placements) if isinstance(pl, Replicate))
+
+
 def _sq_norm(g: torch.Tensor) -> torch.Tensor:
     # the norm in the gradient's own precision (one pass, no float64 copy), squared in float64
     return torch.linalg.vector_norm(g.detach(), dtype=torch.float32).double().cpu() ** 2
@@ -74,7 +86,8 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float, ps: ParallelState) -
             continue
         grads.append(p.grad)
         if is_sharded(p.grad):
-            fsdp_sq += _sq_norm(p.grad.to_local())
+            if _counted_here(p.grad):
+                fsdp_sq += _sq_norm(p.grad.to_local())
             continue
         sq = _sq_norm(p.grad)
         if is_expert(p):

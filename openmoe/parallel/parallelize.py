@@ -10,13 +10,22 @@ from .expert_parallel import shard_experts
 from .mesh import ParallelState
 
 
-def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool = False,
+def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool | int = False,
                 param_dtype: torch.dtype | None = None, fsdp_experts: bool = True) -> torch.nn.Module:
     """Give every rank rank 0's initial values (broadcast), split experts over the EP group, and
-    with fsdp=True shard the non-expert parameters over all ranks with FSDP2 and (fsdp_experts,
-    dp > 1) each EP rank's experts over its dp replicas (openmoe/parallel/fsdp.py)."""
+    with fsdp=True (or fsdp = world) shard the non-expert parameters over all ranks with FSDP2 and
+    (fsdp_experts, dp > 1) each EP rank's experts over its dp replicas; with an int 1 < fsdp <
+    world, hybrid sharding: non-expert parameters sharded over groups of `fsdp` consecutive ranks,
+    replicated over the groups, experts replicated over dp (openmoe/parallel/fsdp.py)."""
     if not ps.distributed:
         return model
+    shard_size = None if fsdp is True or fsdp is False else int(fsdp)
+    if shard_size is not None and shard_size <= 1:
+        fsdp, shard_size = False, None
+    if shard_size is not None:
+        from .fsdp import check_shard_size
+
+        check_shard_size(shard_size, ps.world)  # before any collective
     import torch.distributed as dist
 
     for t in list(model.parameters()) + list(model.buffers()):
@@ -27,5 +36,5 @@ def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool = False,
     if fsdp:
         from .fsdp import apply_fsdp
 
-        apply_fsdp(model, ps, param_dtype, shard_experts=fsdp_experts)
+        apply_fsdp(model, ps, param_dtype, shard_experts=fsdp_experts, shard_size=shard_size)
     return model

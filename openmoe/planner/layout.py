@@ -4,7 +4,9 @@ A layout is the trainer's: `world` ranks; `ep` of them split the experts between
 parallelism, E / ep experts per rank, over dp = world / ep replicas); `fsdp` = world shards
 every non-expert parameter (and its gradient and optimizer state) over all ranks with FSDP2
 (openmoe/parallel/fsdp.py) and, with `fsdp_experts` (the trainer's default), each rank's expert
-block over its dp replicas too (EZ-MoE), so experts are split world ways; fsdp = 1 replicates.
+block over its dp replicas too (EZ-MoE), so experts are split world ways; fsdp = 1 replicates;
+1 < fsdp < world (dividing it) is hybrid sharding (HSDP): non-expert parameters sharded over
+groups of fsdp ranks and replicated over the world / fsdp groups, experts replicated over dp.
 """
 
 from __future__ import annotations
@@ -42,7 +44,11 @@ class Layout:
 
     @property
     def experts_fsdp_sharded(self) -> bool:
-        return self.fsdp > 1 and self.fsdp_experts and self.dp > 1
+        return self.fsdp == self.world > 1 and self.fsdp_experts and self.dp > 1
+
+    @property
+    def hybrid(self) -> bool:
+        return 1 < self.fsdp < self.world
 
     @property
     def dp(self) -> int:
@@ -62,9 +68,9 @@ class Layout:
             v = getattr(self, k)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{k}={v!r}: must be a positive integer")
-        if self.fsdp not in (1, self.world):
-            raise ValueError(f"fsdp={self.fsdp}: the trainer shards over all ranks (fsdp = world = {self.world}) "
-                             f"or not at all (fsdp = 1)")
+        if self.world % self.fsdp:
+            raise ValueError(f"fsdp={self.fsdp}: must divide world={self.world} (1 = off, {self.world} = all "
+                             f"ranks, in between = hybrid sharding groups)")
         if self.world % self.ep:
             raise ValueError(f"world={self.world}: must be a multiple of ep={self.ep}")
         if num_experts is not None and num_experts % self.ep:
@@ -73,6 +79,8 @@ class Layout:
 
     def __str__(self) -> str:
         fsdp = f", FSDP2 over all {self.fsdp} ranks" if self.fsdp > 1 else ""
+        if self.hybrid:
+            fsdp = f", HSDP: FSDP2 over groups of {self.fsdp} ranks x {self.world // self.fsdp} replicas"
         if self.experts_fsdp_sharded:
             fsdp += f" (experts also over dp {self.dp})"
         return f"world {self.world} = dp {self.dp} x ep {self.ep}{fsdp}"

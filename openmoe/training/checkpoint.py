@@ -4,7 +4,9 @@ different world size, EP size or expert sharding.
 Each rank contributes its part and every tensor is described by its GLOBAL shape, so a
 checkpoint does not depend on the layout that wrote it:
   - replicated tensors once (DCP de-duplicates them);
-  - FSDP2 shards of non-expert tensors as the DTensors FSDP2 made (sharded over all ranks);
+  - FSDP2 shards of non-expert tensors as the DTensors FSDP2 made (sharded over all ranks, or
+    under hybrid sharding over the 2-D (replicate, shard) mesh with [Replicate(), Shard(0)]:
+    DCP writes each shard once and reads it into every replica);
   - expert tensors (parameters and the optimizer states shaped like them) as global [E, ...]
     DTensors: replicated over dp, EP blocks as DTensors over the (dp, ep) mesh with
     [Replicate(), Shard(0)]; FSDP-sharded over dp (parallel/fsdp.py, fsdp_experts) as DTensors

@@ -65,8 +65,11 @@ class TrainConfig:
     plan: bool = False  # print the per-rank memory plan and exit, loading nothing
     device_memory: str | None = None  # e.g. 80GB / 24GiB: a run whose plan does not fit stops before loading
     world: int | None = None  # ranks to plan for (default: WORLD_SIZE, else 1)
-    fsdp: int = 1  # FSDP2 shard size: 1 (off) or the world size (non-expert params sharded over all ranks)
-    # with fsdp on and dp > 1: also shard each EP rank's experts over its dp replicas with FSDP2
+    # FSDP2 shard group size, dividing the world size: 1 (off), the world size (non-expert params
+    # sharded over all ranks) or in between (hybrid sharding, HSDP: sharded over groups of fsdp
+    # consecutive ranks, replicated over the world / fsdp groups; experts replicated over dp)
+    fsdp: int = 1
+    # with fsdp = world and dp > 1: also shard each EP rank's experts over its dp replicas with FSDP2
     # (hierarchical EP x FSDP; expert grads reduced over dp only). false: experts replicated over dp
     fsdp_experts: bool = True
 

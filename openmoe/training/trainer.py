@@ -70,10 +70,15 @@ class Trainer:
             self.tokenizer = TextTokenizer(tok_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        if cfg.fsdp > 1 and cfg.fsdp != self.ps.world:
-            raise ConfigError(f"fsdp={cfg.fsdp}: the trainer shards over all ranks (fsdp = world = {self.ps.world}) "
-                              f"or not at all (fsdp = 1); hybrid sharding groups are not implemented")
-        self.model = parallelize(self._build_model().to(self.device), self.ps, fsdp=cfg.fsdp > 1,
+        if cfg.fsdp > 1:
+            from ..parallel.fsdp import check_shard_size
+
+            try:  # 1 < fsdp < world: hybrid sharding (HSDP) over groups of fsdp consecutive ranks
+                check_shard_size(cfg.fsdp, self.ps.world)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        self.model = parallelize(self._build_model().to(self.device), self.ps,
+                                 fsdp=cfg.fsdp if cfg.fsdp > 1 else False,
                                  param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
                                  fsdp_experts=cfg.fsdp_experts)
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
@@ -122,7 +127,12 @@ class Trainer:
         n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
         n_train = sum(t.numel() for t, trained in local if trained)
         self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
-        if cfg.fsdp > 1:
+        if 1 < cfg.fsdp < self.ps.world:
+            self.log(f"fsdp: hybrid sharding (HSDP): non-expert parameters sharded over groups of {cfg.fsdp} "
+                     f"consecutive ranks, replicated over {self.ps.world // cfg.fsdp} groups (mesh replicate "
+                     f"{self.ps.world // cfg.fsdp} x shard {cfg.fsdp}); experts split by ep {self.ps.ep}, "
+                     f"replicated over dp {self.ps.dp}")
+        elif cfg.fsdp > 1:
             sharded = cfg.fsdp_experts and self.ps.dp > 1
             self.log(f"fsdp: non-expert parameters sharded over all {self.ps.world} ranks; experts split by ep "
                      f"{self.ps.ep}, " + (f"sharded over dp {self.ps.dp} (FSDP2, gradients reduced over dp, "

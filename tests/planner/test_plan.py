@@ -130,7 +130,7 @@ def test_suggestion_is_the_smallest_layout_that_fits():
 
 @pytest.mark.parametrize("extra,msg", [
     (["--plan", "--world", "3", "--ep", "2"], "world=3: must be a multiple of ep=2"),
-    (["--plan", "--world", "8", "--fsdp", "4"], "fsdp=4: the trainer shards over all ranks"),
+    (["--plan", "--world", "8", "--fsdp", "3"], "fsdp=3: must divide world=8"),
     (["--device_memory", "lots"], "device_memory='lots'"),
     (["--world", "8"], "--world is for --plan"),
 ])
