@@ -8,8 +8,8 @@ counts_E) -> y_NH, and shard_(lo, hi) keeps experts [lo, hi) only (expert parall
   ModuleExperts   E copies of any user nn.Module, run one by one (correct, slower)
 
 The stacked ones write their math once, `ffn(x, linear)`, against a `linear(x, weight, bias)`
-that is either one grouped GEMM over all experts' rows or a plain per-expert matmul: the
-per-expert loop is the reference, the grouped path the fast one, and they cannot drift apart.
+whose matmul is either one grouped GEMM over all experts' rows or a plain per-expert loop
+(experts.loop_mm): the loop is the reference, and the two cannot drift apart.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import compute_dtype, grouped_mm, grouped_mm_available, resolve_implementation, shard_stacked_
+from .experts import (compute_dtype, grouped_mm, grouped_mm_available, loop_mm, resolve_implementation,
+                      shard_stacked_)
 
 EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 
@@ -60,39 +61,27 @@ class StackedExperts(nn.Module):
         impl = resolve_implementation(self.implementation, x_NH, dt)
         if impl == "grouped_mm" and grouped_mm_available(x_NH, *self._matrices(), dtype=dt):
             offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            rows = {}
 
-            def linear(x, w_name, b_name=None):
-                y = grouped_mm(x, getattr(self, w_name), offs)
-                if b_name is not None:
-                    if "expert_N" not in rows:
-                        rows["expert_N"] = torch.repeat_interleave(
-                            torch.arange(counts_E.numel(), device=x.device), counts_E, output_size=x.shape[0])
-                    y = y + getattr(self, b_name).to(y.dtype)[rows["expert_N"]]
-                return y
+            def mm(x, w):
+                return grouped_mm(x, w, offs)
+        else:  # the per-expert loop: the reference
+            counts = counts_E.tolist()
 
-            return self.ffn(x_NH, linear)
-        return self._loop(x_NH, counts_E, dt)
+            def mm(x, w):
+                return loop_mm(x, w.to(dt), counts)
 
-    def _loop(self, x_NH: torch.Tensor, counts_E: torch.Tensor, dt: torch.dtype) -> torch.Tensor:
-        # unbind once: indexing W[e] per expert would make backward allocate a full-stack
-        # gradient for every expert.
-        parts = {n: getattr(self, n).unbind(0) for n in self.stacked}
-        outs, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):  # one host sync for the whole loop
-            if n == 0:
-                continue
+        rows = {}
 
-            def linear(x, w_name, b_name=None, e=e):
-                if b_name is None:
-                    return x.to(dt) @ parts[w_name][e].to(dt)
-                return torch.addmm(parts[b_name][e].to(dt), x.to(dt), parts[w_name][e].to(dt))
+        def linear(x, w_name, b_name=None):
+            y = mm(x, getattr(self, w_name))
+            if b_name is not None:  # each row gets its own expert's bias
+                if "expert_N" not in rows:
+                    rows["expert_N"] = torch.repeat_interleave(
+                        torch.arange(counts_E.numel(), device=x.device), counts_E, output_size=x.shape[0])
+                y = y + getattr(self, b_name).to(y.dtype)[rows["expert_N"]]
+            return y
 
-            outs.append(self.ffn(x_NH[start:start + n], linear))
-            start += n
-        if not outs:
-            return x_NH.new_zeros(0, self._matrices()[-1].shape[-1], dtype=dt)
-        return torch.cat(outs)
+        return self.ffn(x_NH, linear)
 
     def shard_(self, lo: int, hi: int) -> None:
         shard_stacked_(self, lo, hi)

@@ -57,20 +57,62 @@ def experts_grouped_mm(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: 
     return grouped_mm(h, experts.wo, offs)
 
 
+class _LoopMM(torch.autograd.Function):
+    """y[rows of e] = x[rows of e] @ w[e]: one torch.mm per expert in both passes, written into
+    preallocated outputs. The plain per-expert matmul (the reference), without the costs of
+    writing it with autograd: per-expert pieces to concatenate, and a weight gradient stacked
+    back from per-expert slices (measured: those copies were ~20% of a bf16 training step)."""
+
+    @staticmethod
+    def forward(ctx, x_NI, w_EIO, counts):
+        y_NO = x_NI.new_empty(x_NI.shape[0], w_EIO.shape[-1])
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                torch.mm(x_NI[start:start + n], w_EIO[e], out=y_NO[start:start + n])
+                start += n
+        # keep only what the backward needs (a frozen stack, as under LoRA, needs no saved x)
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        ctx.save_for_backward(x_NI if need_w else None, w_EIO if need_x else None)
+        ctx.shapes = (x_NI.shape, w_EIO.shape, x_NI.dtype, x_NI.device)
+        ctx.counts = counts
+        return y_NO
+
+    @staticmethod
+    def backward(ctx, g_NO):
+        x_NI, w_EIO = ctx.saved_tensors
+        x_shape, w_shape, dtype, device = ctx.shapes
+        g_NO = g_NO.contiguous()
+        gx = torch.empty(x_shape, dtype=dtype, device=device) if ctx.needs_input_grad[0] else None
+        gw = torch.empty(w_shape, dtype=dtype, device=device) if ctx.needs_input_grad[1] else None
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            rows = slice(start, start + n)
+            if gx is not None and n:
+                torch.mm(g_NO[rows], w_EIO[e].t(), out=gx[rows])
+            if gw is not None:
+                if n:
+                    torch.mm(x_NI[rows].t(), g_NO[rows], out=gw[e])
+                else:
+                    gw[e].zero_()
+            start += n
+        return gx, gw, None
+
+
+def loop_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Rows of x (sorted by expert, counts[e] rows for expert e) times their expert's matrix, in
+    the dtype of w (cast the stack once: one cast, one gradient cast back)."""
+    return _LoopMM.apply(x_NI.to(w_EIO.dtype).contiguous(), w_EIO, counts)
+
+
 def experts_eager(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    # unbind once: indexing W[e] per expert would make backward allocate a full [E, ...]
-    # gradient for every expert.
-    wg, wu, wo = experts.wi_gate.unbind(0), experts.wi_up.unbind(0), experts.wo.unbind(0)
-    outs, start = [], 0
-    for e, n in enumerate(counts_E.tolist()):  # one host sync for the whole loop
-        if n == 0:
-            continue
-        xe = x_NH[start:start + n].to(wg[e].dtype)
-        outs.append(gated_mlp(xe @ wg[e], xe @ wu[e]) @ wo[e])
-        start += n
-    if not outs:
-        return x_NH.new_zeros(0, experts.wo.shape[-1], dtype=experts.wo.dtype)
-    return torch.cat(outs)
+    counts = counts_E.tolist()  # one host sync for the whole layer
+    dt = compute_dtype(x_NH, experts.wi_gate)
+
+    def mm(x, w):
+        return loop_mm(x, w.to(dt), counts)
+
+    return mm(gated_mlp(mm(x_NH, experts.wi_gate), mm(x_NH, experts.wi_up)), experts.wo)
 
 
 EXPERT_BACKENDS: dict[str, Callable] = {"eager": experts_eager, "grouped_mm": experts_grouped_mm}

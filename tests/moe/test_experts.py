@@ -106,3 +106,19 @@ def test_autocast_runs_grouped_mm_in_bf16_and_router_in_fp32():
         y = layer.experts(torch.randn(5, 8), torch.tensor([1, 1, 1, 2]))
     assert logits.dtype == torch.float32 and torch.equal(logits, ref)  # not rounded through bf16
     assert y.dtype == torch.bfloat16  # the experts follow autocast, not the fp32 master weights
+
+
+def test_loop_mm_values_and_gradients_with_an_empty_expert():
+    """experts.loop_mm (the per-expert reference matmul, hand-written backward) against plain
+    per-block matmuls, expert 1 getting no rows (its weight gradient must be exactly 0)."""
+    from openmoe.moe.experts import loop_mm
+
+    torch.manual_seed(0)
+    counts = [3, 0, 2, 4]
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, 6, dtype=torch.float64, requires_grad=True)
+    ref = torch.cat([x[0:3] @ w[0], x[3:5] @ w[2], x[5:9] @ w[3]])
+    torch.testing.assert_close(loop_mm(x, w, counts), ref)
+    assert torch.autograd.gradcheck(lambda a, b: loop_mm(a, b, counts), (x, w))
+    loop_mm(x, w, counts).sum().backward()
+    assert (w.grad[1] == 0).all() and w.grad[0].abs().sum() > 0
