@@ -41,6 +41,7 @@ def main(argv=None) -> int:
         trainer = Trainer(cfg, resume=args.resume)
         trainer.setup()
         trainer.train()
+        _close_process_group()
     except (ConfigError, DataError) as e:
         print(f"train.py: {e}", file=sys.stderr)
         return 2
@@ -48,6 +49,17 @@ def main(argv=None) -> int:
         print(f"train.py: {e}", file=sys.stderr)
         return 3
     return 0
+
+
+def _close_process_group() -> None:
+    """Every rank done, then tear the process group down explicitly: left to interpreter exit,
+    gloo's threads are destroyed in no particular order and a rank can abort ("terminate called
+    without an active exception", exit -6: seen at 4 ranks with FSDP2)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
