@@ -8,6 +8,7 @@ dispatch, exactly as on one process, so results do not depend on the EP size.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 
 import torch
@@ -92,7 +93,7 @@ class AllToAllDispatcher(LocalDispatcher):
             y = LocalDispatcher.combine(self, y_NH, plan, out_dtype)
         else:
             y = super().apply(experts, x_TH, plan, out_dtype)
-        self.layout.stop_timer(plan.mode, x_TH.shape[0], start, y)
+        self.layout.stop_timer(plan.mode, start, y)
         return y
 
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,17 +184,13 @@ class AdaptiveLayout:
             return None
         if x.is_cuda:
             torch.cuda.synchronize(x.device)
-        import time
-
         return time.perf_counter()
 
-    def stop_timer(self, mode: str, num_tokens: int, start: float | None, y: torch.Tensor) -> None:
+    def stop_timer(self, mode: str, start: float | None, y: torch.Tensor) -> None:
         if start is None:
             return
         if y.is_cuda:
             torch.cuda.synchronize(y.device)
-        import time
-
         self.times[self._key][mode].append(time.perf_counter() - start)
 
 

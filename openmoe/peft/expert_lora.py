@@ -25,8 +25,8 @@ import types
 
 import torch
 
-from ..moe.experts import (compute_dtype, gated_mlp, grouped_mm, grouped_mm_available, register_expert_backend,
-                           resolve_implementation)
+from ..moe.experts import (compute_dtype, gated_mlp, grouped_mm, grouped_mm_available, loop_mm,
+                           register_expert_backend, resolve_implementation)
 
 BACKEND = "lora"
 PROJECTIONS = ("wi_gate", "wi_up", "wo")
@@ -53,14 +53,7 @@ def expert_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, cou
     takes these shapes (16-byte aligned rows), else a loop over the experts' row blocks."""
     if use_grouped and grouped_mm_available(x_NI, w_EIO):
         return grouped_mm(x_NI, w_EIO, offs_E)
-    ws, outs, start = w_EIO.unbind(0), [], 0
-    for e, n in enumerate(counts_E.tolist()):
-        if n:
-            outs.append(x_NI[start:start + n].to(ws[e].dtype) @ ws[e])
-            start += n
-    if not outs:
-        return x_NI.new_zeros(0, w_EIO.shape[-1], dtype=w_EIO.dtype)
-    return torch.cat(outs)
+    return loop_mm(x_NI, w_EIO.to(compute_dtype(x_NI, w_EIO)), counts_E.tolist())
 
 
 def _projection(experts, name: str, x: torch.Tensor, offs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
