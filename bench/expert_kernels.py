@@ -37,12 +37,16 @@ def step_time(dtype: torch.dtype, policy: str, impl: str, ids: torch.Tensor, ite
 
 
 def main() -> None:
-    from common import describe_machine
+    from common import describe_machine, retain_freed_memory
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--no-retain", action="store_true",
+                   help="leave glibc's allocator as it is (train.py keeps freed CPU memory for reuse)")
     args = p.parse_args()
     print(describe_machine())
+    retained = not args.no_retain and retain_freed_memory()
+    print(f"allocator: {'freed memory kept for reuse, as train.py does' if retained else 'default'}")
     ids = torch.randint(2, 32000, (2, 512))
     print("| dtype | policy | grouped_mm s/step | eager s/step | eager / grouped_mm |")
     print("|---|---|---|---|---|")

@@ -42,6 +42,7 @@ class TrainConfig:
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
     device: str = "auto"  # auto | cpu | cuda
+    cpu_retain_memory: bool = True  # on CPU keep freed memory mapped for reuse (utils.hardware.retain_freed_memory)
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
-from ..utils.hardware import default_dtype, matmul_peak
+from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, dump_config
 from .metrics import MetricsSink, expert_stats, flops_per_token
@@ -52,6 +52,8 @@ class Trainer:
             self.amp_dtype = default_dtype(self.device)
         else:
             self.amp_dtype = torch.bfloat16 if cfg.precision == "bf16" else torch.float32
+        # the same big buffers every step: without this each step page-faults them in again
+        self.retained_memory = self.device == "cpu" and cfg.cpu_retain_memory and retain_freed_memory()
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -140,7 +142,8 @@ class Trainer:
         self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
                  f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
-                 f"({'given' if cfg.peak_tflops else 'measured matmul'})")
+                 f"({'given' if cfg.peak_tflops else 'measured matmul'})"
+                 + (", freed CPU memory kept for reuse" if self.retained_memory else ""))
         if self.ps.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / "train_config.json").write_text(dump_config(cfg))
