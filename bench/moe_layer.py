@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import describe_machine, matmul_peak, timeit, cpu_info  # noqa: E402
+from common import cpu_info, describe_machine, matmul_peak, retain_freed_memory, timeit  # noqa: E402
 
 from openmoe.moe import CapacityPolicy, MoELayer  # noqa: E402
 from openmoe.moe.expert_types import MLPExperts, ModuleExperts  # noqa: E402
@@ -72,9 +72,13 @@ def main(argv=None):
                     help="general suite: the capacity case, ours capacity=CF (ColossalAI rule) vs "
                          "DeepSpeed capacity_factor=CF, drop_tokens=True (besides the dropless case)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-retain", action="store_true",
+                    help="leave glibc's allocator as it is (train.py keeps freed CPU memory for reuse)")
     args = ap.parse_args(argv)
     T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
     print(describe_machine())
+    retained = args.device == "cpu" and not args.no_retain and retain_freed_memory()
+    print(f"allocator: {'freed memory kept for reuse, as train.py does (every row)' if retained else 'default'}")
     print(f"shapes: tokens {T}, H {H}, I {I}, E {E}, top-{K}, device {args.device}\n")
     if args.suite in ("openmoe", "all"):
         openmoe_suite(args)

@@ -151,7 +151,7 @@ def shard_stacked_(experts: nn.Module, lo: int, hi: int) -> None:
 def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> str:
     """"auto" -> the faster kernel for this device and dtype, as measured on a whole OpenMoE
     training step (docs/benchmarks.md, "Expert kernels"): on CPU the per-expert loop is 12-30%
-    faster in bf16 (torch's CPU grouped_mm bf16 backward is slow) and ~7% slower in fp32; on
+    faster in bf16 (torch's CPU grouped_mm bf16 backward is slow), within the noise in fp32; on
     CUDA grouped_mm is one kernel. Same math either way (the loop is the reference)."""
     if name != "auto":
         return name
