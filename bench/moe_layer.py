@@ -121,8 +121,8 @@ def openmoe_suite(args):
 
         t_dense = rows[0][1]
         print(f"{dname}: measured matmul peak {peak:.1f} GFLOP/s")
-        print(f"| layer | s / fwd+bwd | GFLOP/s | x dense time | % of peak |")
-        print(f"|---|---|---|---|---|")
+        print("| layer | s / fwd+bwd | GFLOP/s | x dense time | % of peak |")
+        print("|---|---|---|---|---|")
         for name, s, flops in rows:
             g = flops / s / 1e9
             print(f"| {name} | {s:.3f} | {g:.1f} | {s / t_dense:.2f} | {100 * g / peak:.0f}% |")

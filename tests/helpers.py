@@ -65,3 +65,34 @@ def make_run_setup(tmp_path):
             "--seq_len", "32", "--batch_size", "4", "--steps", "6", "--lr", "3e-3", "--warmup_steps", "2",
             "--log_every", "1", "--save_every", "2", "--precision", "fp32", "--tensorboard", "false",
             "--peak_tflops", "1.0", "--out_dir", str(tmp_path / "run")]
+
+
+def free_port() -> int:
+    """A TCP port free on localhost now (for a test's MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare_and_step(res: dict, ref, ref_opt, ref_loss, model, opt, loss, ps, max_norm: float = 0.05) -> None:
+    """One step of a distributed-vs-one-process test, after the caller has compared gradients:
+    record the largest gap between the ranks' mean loss and the reference loss, and between the
+    two clipped gradient norms (the distributed one from `openmoe.parallel.clip_grad_norm`), then
+    step and zero both optimizers."""
+    import torch
+    import torch.distributed as dist
+
+    from openmoe.parallel import clip_grad_norm
+
+    world = dist.get_world_size()
+    losses = [torch.zeros(()) for _ in range(world)]
+    dist.all_gather(losses, loss.detach())
+    res["loss"] = max(res["loss"], abs(float(sum(losses) / world - ref_loss)))
+    n_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), max_norm)
+    n_dist = clip_grad_norm(model, max_norm, ps)
+    res["norm"] = max(res["norm"], abs(float(n_ref - n_dist)))
+    for o in (ref_opt, opt):
+        o.step()
+        o.zero_grad()

@@ -4,7 +4,6 @@ for checking the model: per-head, per-token loops, no HF code, dropless routing.
 import math
 
 import torch
-import torch.nn.functional as F
 
 
 def _rms(x, w, eps):

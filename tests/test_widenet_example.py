@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from openmoe.moe import MoELayer  # noqa: E402
 
 pytest.importorskip("sklearn", reason="the WideNet example trains on scikit-learn's digits")
 

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from openmoe.moe.experts import EXPERT_BACKENDS, OpenMoeExperts, register_expert_backend
 

@@ -3,7 +3,6 @@ optimizer state over gloo; training with rebalancing gives the same loss as with
 
 import json
 import os
-import socket
 import sys
 
 import pytest
@@ -11,14 +10,9 @@ import torch
 import torch.multiprocessing as mp
 
 from openmoe.parallel.balance import rank_loads, search_placement
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _valid(p, E):
@@ -63,7 +57,7 @@ def _move_worker(rank, port, out):
 
 
 def test_move_experts_over_gloo(tmp_path):
-    mp.spawn(_move_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_move_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"{r}.json").read_text())
         assert res["ok"], res
@@ -71,7 +65,6 @@ def test_move_experts_over_gloo(tmp_path):
 
 def _train_worker(rank, port, out, balance):
     sys.path.insert(0, os.path.dirname(HERE))
-    import copy
 
     import torch.distributed as dist
 
@@ -114,7 +107,7 @@ def _train_worker(rank, port, out, balance):
 
 def test_rebalancing_leaves_the_loss_unchanged(tmp_path):
     for balance in (False, True):
-        mp.spawn(_train_worker, args=(_port(), str(tmp_path), balance), nprocs=2, join=True)
+        mp.spawn(_train_worker, args=(free_port(), str(tmp_path), balance), nprocs=2, join=True)
     a = json.loads((tmp_path / "False_0.json").read_text())
     b = json.loads((tmp_path / "True_0.json").read_text())
     assert b["moved"] > 0, b  # experts really moved

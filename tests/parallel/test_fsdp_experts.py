@@ -7,19 +7,13 @@ sharded experts with their optimizer state."""
 
 import json
 import os
-import socket
 import sys
 
 import torch
 import torch.multiprocessing as mp
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, ep, port, out_dir, steps):
@@ -29,9 +23,9 @@ def _worker(rank, world, ep, port, out_dir, steps):
 
     import torch.distributed as dist
 
-    from helpers import tiny_config
+    from helpers import compare_and_step, tiny_config
     from openmoe import OpenMoeForCausalLM
-    from openmoe.parallel import build_state, clip_grad_norm, is_expert, parallelize, sync_gradients
+    from openmoe.parallel import build_state, is_expert, parallelize, sync_gradients
     from openmoe.parallel.balance import ExpertBalancer
     from openmoe.parallel.fsdp import global_expert
     from openmoe.training import checkpoint as ckpt
@@ -69,18 +63,9 @@ def _worker(rank, world, ep, port, out_dir, steps):
         out = model(batches[rank], labels=batches[rank])
         out.loss.backward()
         sync_gradients(model, ps)  # must leave the DTensor (FSDP-reduced) gradients alone
-        losses = [torch.zeros(()) for _ in range(world)]
-        dist.all_gather(losses, out.loss.detach())
-        res["loss"] = max(res["loss"], abs(float(sum(losses) / world - ref_loss)))
         for n, p in model.named_parameters():
             res["grad"] = max(res["grad"], float((full(n, p.grad) - ref_params[n].grad).abs().max()))
-        n_ref = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
-        n_ep = clip_grad_norm(model, 0.05, ps)
-        res["norm"] = max(res["norm"], abs(float(n_ref - n_ep)))
-        opt_ref.step()
-        opt.step()
-        opt_ref.zero_grad()
-        opt.zero_grad()
+        compare_and_step(res, ref, opt_ref, ref_loss, model, opt, out.loss, ps)
     for n, p in model.named_parameters():
         res["param"] = max(res["param"], float((full(n, p) - ref_params[n]).abs().max()))
 
@@ -125,7 +110,7 @@ def _worker(rank, world, ep, port, out_dir, steps):
 
 
 def test_experts_sharded_over_dp_equal_one_process(tmp_path):
-    mp.spawn(_worker, args=(4, 2, _free_port(), str(tmp_path), 2), nprocs=4, join=True)
+    mp.spawn(_worker, args=(4, 2, free_port(), str(tmp_path), 2), nprocs=4, join=True)
     for r in range(4):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
         print(r, res)

@@ -4,21 +4,15 @@ experts on the global batch; and the 'ep' / 'gather' / 'auto' layouts against ea
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch import nn
+from helpers import free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Net(nn.Module):
@@ -101,7 +95,7 @@ def _ddp_worker(rank, port, out, steps, capacity):
 @pytest.mark.parametrize("capacity", ["dropless", "colossalai"])
 def test_ddp_with_expert_parallel_equals_one_process(tmp_path, capacity):
     steps = 3
-    mp.spawn(_ddp_worker, args=(_port(), str(tmp_path), steps, capacity), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path), steps, capacity), nprocs=2, join=True)
     ref_losses, ref_grads = _reference(steps, capacity)
     res = [json.loads((tmp_path / f"{r}.json").read_text()) for r in range(2)]
     assert sorted(res[0]["ignored"]) == sorted(f"moe.experts.{n}" for n in ("w_in", "b_in", "w_out", "b_out"))
@@ -154,7 +148,7 @@ def _layout_worker(rank, port, out):
 
 
 def test_expert_layouts_give_equal_outputs_and_gradients(tmp_path):
-    mp.spawn(_layout_worker, args=(_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_layout_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         res = json.loads((tmp_path / f"{r}.json").read_text())
         ep = res["ep"]
