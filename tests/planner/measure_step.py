@@ -6,7 +6,8 @@ Each JSON argument is one measurement, run one after the other in this process: 
 Trainer (model, LoRA, optimizer, data) and run `steps` train_step()s. Reported: the growth of
 the resident set from just before the Trainer is built to its high-water mark (VmHWM, reset
 through /proc/self/clear_refs before each measurement). Started with MALLOC_MMAP_THRESHOLD_
-fixed so that freed tensors go back to the OS and the high-water mark follows live tensors.
+fixed so that freed tensors go back to the OS and the high-water mark follows live tensors
+(hence `--cpu_retain_memory false`: the trainer would otherwise keep freed memory mapped).
 A warm-up step on a micro model first loads every lazily imported module and kernel.
 """
 
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> None:
 
     torch.set_num_threads(2)
     with tempfile.TemporaryDirectory() as d:
-        setup = make_run_setup(Path(d))
+        setup = make_run_setup(Path(d)) + ["--cpu_retain_memory", "false"]
         warm = setup + ["--out_dir", f"{d}/warm", "--seq_len", "16", "--batch_size", "2"]
         measure(warm + ["--activation_checkpointing", "true"], 1)
         measure(warm + ["--peft", "lora", "--lora_targets", "attention,mlp,extra_mlp,router,experts"], 1)
