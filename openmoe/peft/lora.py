@@ -213,16 +213,17 @@ def lora_flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token of a LoRA step: forward and input gradients through the frozen
     base (4 x active base parameters, no weight gradients), 6 x the LoRA parameters a token
     passes through, and attention as in metrics.flops_per_token."""
+    from ..training.metrics import token_share
+
     cfg = model.config
     base = lora = 0
     for name, p in model.named_parameters():
         clean = name.replace(".base_layer", "")
         if clean.startswith("model.embed_tokens."):
             continue
-        share = cfg.num_experts_per_tok / cfg.num_experts if ".mlp.experts." in clean else 1.0
         if ".lora_" in clean:
-            lora += p.numel() * share
+            lora += token_share(clean, p, cfg)
         else:
-            base += p.numel() * share
+            base += token_share(clean, p, cfg)
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return 4 * base + 6 * lora + attn

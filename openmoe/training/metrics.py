@@ -8,19 +8,23 @@ from pathlib import Path
 import torch
 
 
+def token_share(name: str, p: torch.Tensor, cfg) -> float:
+    """How many of p's elements one token passes through. A stacked expert weight is
+    [experts held here, ...]: all E of them, or E/ep under expert parallelism (FSDP's DTensor
+    reports its shape over the dp shards), and a token uses k experts' worth of it, so the count
+    is k x one expert's size whatever the sharding. Anything else: all of it."""
+    if ".mlp.experts." not in name:
+        return p.numel()
+    if p.dim() >= 3:
+        return cfg.num_experts_per_tok * (p.numel() // p.shape[0])
+    return p.numel() * cfg.num_experts_per_tok / cfg.num_experts  # e.g. an adapter over all E
+
+
 def active_params(model) -> int:
-    """Parameters one token passes through: all but the embedding table, with each MoE
-    layer's experts counted k/E."""
-    cfg = model.config
-    total = 0
-    for name, p in model.named_parameters():
-        if name.startswith("model.embed_tokens."):
-            continue
-        if ".mlp.experts." in name:
-            total += p.numel() * cfg.num_experts_per_tok // cfg.num_experts
-        else:
-            total += p.numel()
-    return total
+    """Parameters one token passes through: all but the embedding table, each MoE layer's
+    experts counted k of E (sharded or not)."""
+    return int(sum(token_share(name, p, model.config) for name, p in model.named_parameters()
+                   if not name.startswith("model.embed_tokens.")))
 
 
 def flops_per_token(model, seq_len: int) -> float:
@@ -29,6 +33,12 @@ def flops_per_token(model, seq_len: int) -> float:
     cfg = model.config
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return 6 * active_params(model) + attn
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float, world: int = 1) -> float:
+    """Model FLOPs utilisation per device: tokens_per_s counts every rank's tokens, peak_flops is
+    one device's."""
+    return tokens_per_s * flops_per_token / (peak_flops * world)
 
 
 def expert_stats(tokens_per_expert: torch.Tensor, dropped: torch.Tensor) -> dict:

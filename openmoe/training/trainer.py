@@ -24,7 +24,7 @@ from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallel
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, dump_config
-from .metrics import MetricsSink, expert_stats, flops_per_token
+from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
 from .optim import build_optimizer, freeze, lr_lambda
 
 
@@ -273,7 +273,8 @@ class Trainer:
                     n = window.pop("n")
                     # losses are means over the steps since the last line (the logged step included)
                     rec = {"step": self.step, **{k: v / n for k, v in window.items()}, "lr": lr,
-                           "tokens_per_s": tps, "mfu": tps * self.flops_per_token / self.peak_flops}
+                           "tokens_per_s": tps,
+                           "mfu": mfu(tps, self.flops_per_token, self.peak_flops, self.ps.world)}
                     window = {}
                     for k in ("expert_load_max_over_mean", "drop_rate", "tokens_per_expert"):
                         if k in m:
