@@ -77,14 +77,12 @@ def retain_freed_memory() -> bool:
     price is a resident size that stays at its high-water mark (+11% peak on that step).
     Numerics are unchanged. Linux/glibc only; returns whether it was applied."""
     import ctypes
-    import ctypes.util
     import sys
 
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt  # the libc this process runs on
     except (OSError, AttributeError):  # musl and other libcs have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
