@@ -66,7 +66,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
         physical = dataclasses.replace(routing, expert_TK=self.placement.to(routing.expert_TK.device)[routing.expert_TK])
-        mode = self.layout.choose(routing.expert_TK.shape[0], self.group)
+        mode = self.layout.choose(routing.expert_TK.shape[0], self.group, routing.expert_TK.device)
         plan = super().plan(physical, num_experts)  # sorted by physical slot
         plan.mode = mode
         if mode == "gather":
@@ -162,10 +162,11 @@ class AdaptiveLayout:
         self.times: dict[int, dict[str, list[float]]] = {}
         self.decided: dict[int, str] = {}
 
-    def choose(self, num_tokens: int, group) -> str:
+    def choose(self, num_tokens: int, group, device: torch.device) -> str:
+        """The layout for this call; `device` is where the group's collectives run (NCCL: CUDA)."""
         if self.layout != "auto":
             return self.layout
-        t = torch.tensor([num_tokens])
+        t = torch.tensor([num_tokens], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)  # one key on every rank
         key = int(t)
         self._key = key
@@ -174,7 +175,7 @@ class AdaptiveLayout:
         seen = self.times.setdefault(key, {"ep": [], "gather": []})
         if len(seen["ep"]) < self.trials or len(seen["gather"]) < self.trials:
             return "ep" if len(seen["ep"]) <= len(seen["gather"]) else "gather"
-        mean = torch.tensor([min(seen["ep"]), min(seen["gather"])], dtype=torch.float64)
+        mean = torch.tensor([min(seen["ep"]), min(seen["gather"])], dtype=torch.float64, device=device)
         dist.all_reduce(mean, op=dist.ReduceOp.MAX, group=group)
         self.decided[key] = "ep" if mean[0] <= mean[1] else "gather"
         return self.decided[key]
