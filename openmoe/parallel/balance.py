@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .expert_parallel import AllToAllDispatcher
+from .grads import is_sharded
 from .mesh import ParallelState
 
 
@@ -165,11 +166,11 @@ class ExpertBalancer:
             for k, v in self.optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v) and v.shape == p.shape:
                     targets.append(v)
-        blocks = [t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach() for t in targets]
+        blocks = [t.detach().full_tensor() if is_sharded(t) else t.detach() for t in targets]
         moved = move_experts(blocks, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
         with torch.no_grad():
             for t, m in zip(targets, moved):
-                if hasattr(t, "to_local"):
+                if is_sharded(t):
                     local = t.to_local()
                     lo, hi = local_rows(m.shape[0], self.ps)
                     if local.shape[0] != hi - lo:

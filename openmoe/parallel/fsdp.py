@@ -87,7 +87,7 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .expert_parallel import AllToAllDispatcher
-    from .grads import is_expert
+    from .grads import is_expert, is_sharded
 
     k = ps.world if shard_size is None else shard_size
     check_shard_size(k, ps.world)
@@ -117,7 +117,7 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
             n += 1
     # experts not sharded above stay out of FSDP (replicated over dp, reduced by sync_gradients);
     # sharded ones belong to their own unit, which the outer units skip
-    ignored = {p for m in moe for p in m.experts.parameters() if not _is_dtensor(p)}
+    ignored = {p for m in moe for p in m.experts.parameters() if not is_sharded(p)}
     base = model.model if hasattr(model, "model") else model
     units = list(base.layers) + [model]
     for unit in units:
@@ -126,10 +126,6 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
         for unit in units:
             unit.set_force_sum_reduction_for_comms(True)
     return n
-
-
-def _is_dtensor(t) -> bool:
-    return hasattr(t, "to_local")
 
 
 _EXPERT_MESHES: dict[int, tuple] = {}  # id(ps.mesh) -> (ps.mesh, its (ep, dp) view)

@@ -221,9 +221,10 @@ def lora_flops_per_token(model, seq_len: int) -> float:
         clean = name.replace(".base_layer", "")
         if clean.startswith("model.embed_tokens."):
             continue
+        n = token_share(clean, p, cfg)
         if ".lora_" in clean:
-            lora += token_share(clean, p, cfg)
+            lora += n
         else:
-            base += token_share(clean, p, cfg)
+            base += n
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     return 4 * base + 6 * lora + attn

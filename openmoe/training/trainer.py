@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
+from ..parallel.grads import is_sharded
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, dump_config
@@ -125,7 +126,7 @@ class Trainer:
             self.flops_per_token = lora_flops_per_token(self.model, cfg.seq_len)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_peak(self.amp_dtype, self.device) * 1e9
         self.peak_flops = peak
-        local = [(p.to_local() if hasattr(p, "to_local") else p, p.requires_grad) for p in self.model.parameters()]
+        local = [(p.to_local() if is_sharded(p) else p, p.requires_grad) for p in self.model.parameters()]
         n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
         n_train = sum(t.numel() for t, trained in local if trained)
         self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
