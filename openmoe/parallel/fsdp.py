@@ -80,10 +80,9 @@ def dense_mesh(ps: ParallelState, shard_size: int, device: str):
 
 
 def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dtype | None = None,
-               shard_experts: bool = True, shard_size: int | None = None) -> int:
+               shard_experts: bool = True, shard_size: int | None = None) -> None:
     """Shard `model` in place (see the module docstring); shard_size: the FSDP2 shard group size
-    (default: world; 1 < k < world: hybrid sharding). Returns the number of experts modules
-    sharded over dp (0 when shard_experts=False, dp == 1 or hybrid)."""
+    (default: world; 1 < k < world: hybrid sharding)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from .expert_parallel import AllToAllDispatcher
@@ -96,7 +95,6 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     world_mesh = dense_mesh(ps, k, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     moe = _moe_layers(model)
-    n = 0
     if shard_experts and ps.dp > 1 and not hybrid:
         dp_mesh = ps.mesh["dp"]
         for layer in moe:
@@ -114,7 +112,6 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
             for name, p in ex.named_parameters():  # fully_shard made new (DTensor) Parameters
                 if name in marked:
                     p._ep_expert = True
-            n += 1
     # experts not sharded above stay out of FSDP (replicated over dp, reduced by sync_gradients);
     # sharded ones belong to their own unit, which the outer units skip
     ignored = {p for m in moe for p in m.experts.parameters() if not is_sharded(p)}
@@ -125,7 +122,6 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     if hybrid and device != "cuda":  # CPU/gloo: SUM collectives only, then / world
         for unit in units:
             unit.set_force_sum_reduction_for_comms(True)
-    return n
 
 
 _EXPERT_MESHES: dict[int, tuple] = {}  # id(ps.mesh) -> (ps.mesh, its (ep, dp) view)

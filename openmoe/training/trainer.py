@@ -22,6 +22,7 @@ import torch.distributed as dist
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
 from ..parallel.grads import is_sharded
+from ..planner.layout import Layout
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, dump_config
@@ -81,7 +82,7 @@ class Trainer:
             except ValueError as e:
                 raise ConfigError(str(e)) from None
         self.model = parallelize(self._build_model().to(self.device), self.ps,
-                                 fsdp=cfg.fsdp if cfg.fsdp > 1 else False,
+                                 fsdp=cfg.fsdp,
                                  param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
                                  fsdp_experts=cfg.fsdp_experts)
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
@@ -130,16 +131,17 @@ class Trainer:
         n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
         n_train = sum(t.numel() for t, trained in local if trained)
         self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
-        if 1 < cfg.fsdp < self.ps.world:
+        layout = Layout(self.ps.world, self.ps.ep, cfg.fsdp, cfg.fsdp_experts)
+        if layout.hybrid:
             self.log(f"fsdp: hybrid sharding (HSDP): non-expert parameters sharded over groups of {cfg.fsdp} "
                      f"consecutive ranks, replicated over {self.ps.world // cfg.fsdp} groups (mesh replicate "
                      f"{self.ps.world // cfg.fsdp} x shard {cfg.fsdp}); experts split by ep {self.ps.ep}, "
                      f"replicated over dp {self.ps.dp}")
         elif cfg.fsdp > 1:
-            sharded = cfg.fsdp_experts and self.ps.dp > 1
             self.log(f"fsdp: non-expert parameters sharded over all {self.ps.world} ranks; experts split by ep "
                      f"{self.ps.ep}, " + (f"sharded over dp {self.ps.dp} (FSDP2, gradients reduced over dp, "
-                                          f"divided by world)" if sharded else "replicated over dp"))
+                                          f"divided by world)" if layout.experts_fsdp_sharded
+                                          else "replicated over dp"))
         self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
                  f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
