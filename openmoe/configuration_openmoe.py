@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers.configuration_utils import PreTrainedConfig
 
-CAPACITY_POLICIES = ("t5x", "colossalai", "dropless")
+from .moe.router import CAPACITY_POLICIES
 
 # ColossalAI config field -> our field. Their values win only when ours is not given too.
 _COLOSSALAI_FIELDS = {
