@@ -179,13 +179,14 @@ def global_batches(n: int, batch_size: int, perm: torch.Tensor | None = None):
 def full_state_dict(model: torch.nn.Module, world: int) -> dict:
     """The state dict of the unsharded model: expert-parallel weights ([E/world, ...] on each rank,
     rank-major) are all-gathered back to [E, ...]. Collective: call on every rank."""
+    from openmoe.parallel.expert_parallel import gather_experts
+    from openmoe.parallel.grads import is_expert
+
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if world > 1:
         for name, p in model.named_parameters():
-            if getattr(p, "_ep_expert", False):
-                parts = [torch.empty_like(p) for _ in range(world)]
-                dist.all_gather(parts, p.detach().contiguous())
-                state[name] = torch.cat(parts)
+            if is_expert(p):
+                state[name] = gather_experts(p.detach(), dist.group.WORLD)
     return state
 
 
