@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import (compute_dtype, grouped_mm, grouped_mm_available, loop_mm, resolve_implementation,
-                      shard_stacked_)
+from .experts import (StackedWeights, compute_dtype, grouped_mm, grouped_mm_available, loop_mm,
+                      resolve_implementation)
 
 EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 
@@ -37,11 +37,9 @@ def activation(name_or_fn: str | Callable) -> Callable:
     return ACT2FN[name_or_fn]
 
 
-class StackedExperts(nn.Module):
-    """Experts whose weights are [E, ...] stacks; subclasses name the stacks in `stacked` (those
-    with a leading expert dimension, matrices [E, in, out] and biases [E, out]) and write `ffn`."""
-
-    stacked: tuple[str, ...] = ()
+class StackedExperts(StackedWeights):
+    """Stacked experts whose math is written once: subclasses name the stacks in `stacked` and
+    write `ffn`, run as grouped GEMMs or as the per-expert loop."""
 
     def __init__(self, num_experts: int, implementation: str = "auto"):
         super().__init__()
@@ -83,19 +81,6 @@ class StackedExperts(nn.Module):
 
         return self.ffn(x_NH, linear)
 
-    def shard_(self, lo: int, hi: int) -> None:
-        shard_stacked_(self, lo, hi)
-
-    def stacked_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, n) for n in self.stacked]
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for name in self.stacked:
-            p = getattr(self, name)
-            if p.dim() == 3:
-                nn.init.normal_(p, std=std)
-            else:
-                nn.init.zeros_(p)
 
 
 class SwiGLUExperts(StackedExperts):

@@ -160,7 +160,28 @@ def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> 
     return "grouped_mm"
 
 
-class OpenMoeExperts(nn.Module):
+class StackedWeights(nn.Module):
+    """Experts whose weights are [E, ...] stacks named in `stacked` (matrices [E, in, out], biases
+    [E, out]): what expert parallelism shards, the balancer moves and the gathered layout
+    all-gathers."""
+
+    stacked: tuple[str, ...] = ()
+
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self.stacked]
+
+    def shard_(self, lo: int, hi: int) -> None:
+        shard_stacked_(self, lo, hi)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in self.stacked_parameters():
+            if p.dim() == 3:
+                nn.init.normal_(p, std=std)
+            else:
+                nn.init.zeros_(p)
+
+
+class OpenMoeExperts(StackedWeights):
     """E gated MLPs as stacked weights. forward(x sorted by expert, tokens per expert)."""
 
     stacked = ("wi_gate", "wi_up", "wo")
@@ -184,13 +205,3 @@ class OpenMoeExperts(nn.Module):
             # Same math, another kernel: the loop is the reference implementation.
             name = "eager"
         return EXPERT_BACKENDS[name](self, x_NH, counts_E)
-
-    def reset_parameters(self, std: float = 0.02) -> None:
-        for p in self.stacked_parameters():
-            nn.init.normal_(p, std=std)
-
-    def stacked_parameters(self) -> list[nn.Parameter]:
-        return [getattr(self, n) for n in self.stacked]
-
-    def shard_(self, lo: int, hi: int) -> None:
-        shard_stacked_(self, lo, hi)
