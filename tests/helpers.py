@@ -96,3 +96,40 @@ def compare_and_step(res: dict, ref, ref_opt, ref_loss, model, opt, loss, ps, ma
     for o in (ref_opt, opt):
         o.step()
         o.zero_grad()
+
+
+def arg(args: list[str], key: str) -> str:
+    """The value after `key` in a list of CLI flags."""
+    return args[args.index(key) + 1]
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """Every record of a run's metrics.jsonl (logged steps, and balancer moves when balancing)."""
+    return [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+
+
+def run_train(args: list[str], env: dict, nproc: int | None = None):
+    """train.py in a subprocess (under torchrun with `nproc` ranks when given); fails the test
+    with the end of stderr if it does not exit 0."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    launch = [] if nproc is None else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    r = subprocess.run([sys.executable, *launch, str(root / "train.py"), *args], capture_output=True, text=True,
+                       env=env, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def assert_same_weights(ma, mb) -> None:
+    """Two models' parameters after the same training run done two ways (e.g. one process vs
+    torchrun). Adam divides by sqrt(v): elements with ~0 gradients (lm_head rows of unseen tokens,
+    single elements of seen rows) have their summation-order noise turned into updates of up to
+    ~lr: seen 4e-4 on one lm_head row after 4 steps at 2 and 4 ranks, while the gradients agree to
+    1e-5. So: nearly every element within 1e-4, none beyond 1e-3. A wrong gradient scale shows in
+    the runs' grad_norm; Adam itself is scale-invariant."""
+    for (n, pa), (_, pb) in zip(ma.named_parameters(), mb.named_parameters()):
+        diff = (pa - pb).abs()
+        assert pa.shape == pb.shape and diff.max() < 1e-3 and (diff > 1e-4).float().mean() < 1e-3, \
+            (n, diff.max(), int((diff > 1e-4).sum()))

@@ -12,18 +12,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import infer  # noqa: E402
 import train  # noqa: E402
+from helpers import arg  # noqa: E402
 
 LORA = ["--peft", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-2",
         "--lora_targets", "attention,mlp,extra_mlp,router,experts"]
 
 
-def _arg(args, key):
-    return args[args.index(key) + 1]
-
-
 def test_lora_run_exports_adapter_base_and_merged_and_infer_agrees(run_setup, monkeypatch):
     monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
-    out = Path(_arg(run_setup, "--out_dir"))
+    out = Path(arg(run_setup, "--out_dir"))
     assert train.main(run_setup + LORA + ["--steps", "4", "--merge", "true"]) == 0
     assert {p.name for p in out.iterdir()} >= {"adapter", "base", "final", "checkpoints"}
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())

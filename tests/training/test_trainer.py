@@ -1,6 +1,5 @@
 """openmoe/training + train.py: loss falls, kill -9 and resume is bit-for-bit, errors are clear."""
 
-import json
 import os
 import subprocess
 import sys
@@ -10,12 +9,9 @@ import pytest
 import torch
 
 from openmoe.training import Trainer, TrainingDiverged, load_config
+from helpers import arg, read_metrics
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _metrics(out_dir):
-    return [json.loads(l) for l in open(Path(out_dir) / "metrics.jsonl")]
 
 
 def _run_cli(args, env_extra=None):
@@ -24,17 +20,13 @@ def _run_cli(args, env_extra=None):
                           env=env, cwd=ROOT)
 
 
-def _arg(args, key):
-    return args[args.index(key) + 1]
-
-
 def test_loss_decreases_and_exports_hf_folder(run_setup):
     args = run_setup + ["--steps", "40", "--log_every", "10", "--save_every", "20"]
     cfg = load_config(None, args)
     t = Trainer(cfg, log=lambda *a: None)
     t.setup()
     final = t.train()
-    m = _metrics(cfg.out_dir)
+    m = read_metrics(cfg.out_dir)
     assert m[0]["step"] == 1 and m[-1]["step"] == 40
     assert m[-1]["lm_loss"] < m[0]["lm_loss"] - 1.0, (m[0]["lm_loss"], m[-1]["lm_loss"])
     for k in ("aux_loss", "router_z_loss", "tokens_per_s", "mfu", "expert_load_max_over_mean", "drop_rate", "lr"):
@@ -48,19 +40,19 @@ def test_loss_decreases_and_exports_hf_folder(run_setup):
 
 
 def test_sigkill_and_resume_gives_the_same_loss_curve(run_setup):
-    ref = _run_cli(run_setup + ["--out_dir", _arg(run_setup, "--out_dir") + "_ref"])
+    ref = _run_cli(run_setup + ["--out_dir", arg(run_setup, "--out_dir") + "_ref"])
     assert ref.returncode == 0, ref.stderr[-2000:]
     killed = _run_cli(run_setup, {"OPENMOE_TEST_KILL_AT_STEP": "3"})  # dies mid-run (after step 2's save)
     assert killed.returncode == -9
     resumed = _run_cli(run_setup + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
-    a = {r["step"]: r["lm_loss"] for r in _metrics(_arg(run_setup, "--out_dir") + "_ref")}
-    b = {r["step"]: r["lm_loss"] for r in _metrics(_arg(run_setup, "--out_dir"))}  # steps 1-2, then 3-6 again
+    a = {r["step"]: r["lm_loss"] for r in read_metrics(arg(run_setup, "--out_dir") + "_ref")}
+    b = {r["step"]: r["lm_loss"] for r in read_metrics(arg(run_setup, "--out_dir"))}  # steps 1-2, then 3-6 again
     assert a == b  # exact floats: same data, same RNG, same optimizer state
     from safetensors.torch import load_file
-    wa = load_file(Path(_arg(run_setup, "--out_dir") + "_ref") / "final" / "model.safetensors")
-    wb = load_file(Path(_arg(run_setup, "--out_dir")) / "final" / "model.safetensors")
+    wa = load_file(Path(arg(run_setup, "--out_dir") + "_ref") / "final" / "model.safetensors")
+    wb = load_file(Path(arg(run_setup, "--out_dir")) / "final" / "model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
@@ -81,12 +73,12 @@ def test_grad_accumulation_equals_big_batch(run_setup):
     losses = []
     for bs, acc in ((4, 1), (2, 2)):
         cfg = load_config(None, run_setup + ["--batch_size", str(bs), "--grad_accum", str(acc), "--steps", "3",
-                                             "--out_dir", _arg(run_setup, "--out_dir") + f"_{bs}",
+                                             "--out_dir", arg(run_setup, "--out_dir") + f"_{bs}",
                                              "--model_overrides.capacity_policy", "dropless"])
         t = Trainer(cfg, log=lambda *a: None)
         t.setup()
         t.train()
-        losses.append([r["lm_loss"] for r in _metrics(cfg.out_dir)])
+        losses.append([r["lm_loss"] for r in read_metrics(cfg.out_dir)])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
