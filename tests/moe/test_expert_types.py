@@ -87,12 +87,13 @@ def test_expert_dropout_only_in_training():
 
 
 class FFN(nn.Module):
-    def __init__(self):
+    def __init__(self, act=torch.tanh):
         super().__init__()
         self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
+        self.act = act
 
     def forward(self, x):
-        return self.fc2(torch.tanh(self.fc1(x)))
+        return self.fc2(self.act(self.fc1(x)))
 
 
 def test_user_module_experts_and_gradients():
@@ -113,16 +114,7 @@ def test_user_module_experts_and_gradients():
 def test_stacked_experts_match_module_experts_with_same_weights():
     """The grouped-GEMM MLP experts and a plain nn.Linear expert module are the same function."""
     stacked = _randomize(MoELayer(H, E, 2, experts="mlp", intermediate_size=I, activation="gelu"))
-
-    class Lin2(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc1, self.fc2 = nn.Linear(H, I), nn.Linear(I, H)
-
-        def forward(self, x):
-            return self.fc2(F.gelu(self.fc1(x)))
-
-    mod = MoELayer(H, E, 2, experts=Lin2)
+    mod = MoELayer(H, E, 2, experts=lambda: FFN(F.gelu))
     with torch.no_grad():
         mod.gate_weight.copy_(stacked.gate_weight)
         for e, m in enumerate(mod.experts.experts):
