@@ -192,12 +192,13 @@ class ModuleExperts(nn.Module):
 def build_experts(experts, num_experts: int, hidden_size: int, intermediate_size: int | None,
                   activation_fn: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
                   implementation: str = "auto") -> nn.Module:
-    """`experts` is "openmoe" | "swiglu" | "mlp" | a factory of one expert module."""
+    """`experts` is "openmoe" | "swiglu" | "mlp" (intermediate size default 4 x hidden) | a factory
+    of one expert module."""
     from .experts import OpenMoeExperts
 
     if isinstance(experts, str):
         if intermediate_size is None:
-            raise ValueError(f"experts={experts!r} needs intermediate_size")
+            intermediate_size = 4 * hidden_size
         if experts == "openmoe":
             ex = OpenMoeExperts(num_experts, hidden_size, intermediate_size, implementation)
             ex.reset_parameters()  # torch.empty otherwise; OpenMoE models re-init in _init_weights

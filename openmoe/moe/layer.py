@@ -88,8 +88,6 @@ class MoELayer(nn.Module):
         self.norm_topk_prob = norm_topk_prob
         self.gate_weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         nn.init.normal_(self.gate_weight, std=0.02)
-        if intermediate_size is None and isinstance(experts, str):
-            intermediate_size = 4 * hidden_size
         self.experts = build_experts(experts, num_experts, hidden_size, intermediate_size, activation,
                                      bias, dropout, experts_implementation)
         self.dispatcher = LocalDispatcher()
