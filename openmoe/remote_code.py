@@ -22,7 +22,7 @@ AUTO_MAP = {
 
 _HERE = Path(__file__).resolve().parent
 _TOP = ("configuration_openmoe", "modeling_openmoe", "losses", "remote_code")
-_MOE = ("router", "experts", "expert_types", "noise", "dispatch", "layer")
+_MOE = ("kernels", "router", "experts", "expert_types", "noise", "dispatch", "layer")
 
 
 def _flatten(text: str, in_moe: bool) -> str:

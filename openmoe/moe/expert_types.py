@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import (StackedWeights, compute_dtype, grouped_mm, grouped_mm_available, loop_mm,
-                      resolve_implementation)
+from .experts import (StackedWeights, compute_dtype, expert_of_rows, group_offsets, grouped_mm,
+                      grouped_mm_available, loop_mm, resolve_implementation)
 
 EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
 
@@ -58,7 +58,7 @@ class StackedExperts(StackedWeights):
         dt = compute_dtype(x_NH, self._matrices()[0])
         impl = resolve_implementation(self.implementation, x_NH, dt)
         if impl == "grouped_mm" and grouped_mm_available(x_NH, *self._matrices(), dtype=dt):
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
+            offs = group_offsets(counts_E)
 
             def mm(x, w):
                 return grouped_mm(x, w, offs)
@@ -74,9 +74,11 @@ class StackedExperts(StackedWeights):
             y = mm(x, getattr(self, w_name))
             if b_name is not None:  # each row gets its own expert's bias
                 if "expert_N" not in rows:
-                    rows["expert_N"] = torch.repeat_interleave(
-                        torch.arange(counts_E.numel(), device=x.device), counts_E, output_size=x.shape[0])
-                y = y + getattr(self, b_name).to(y.dtype)[rows["expert_N"]]
+                    rows["expert_N"] = expert_of_rows(counts_E, x.shape[0])
+                # rows past the experts' (dropped assignments) index a zero row: their gradient,
+                # unwritten memory from the kernels, must not reach any expert's bias
+                b = getattr(self, b_name).to(y.dtype)
+                y = y + torch.cat([b, b.new_zeros(1, b.shape[1])])[rows["expert_N"]]
             return y
 
         return self.ffn(x_NH, linear)
@@ -167,6 +169,7 @@ class ModuleExperts(nn.Module):
                              f"{shape}; an expert must map [n, hidden_size] -> [n, hidden_size]")
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        # Any module, any shapes: needs the counts on the host (one sync per layer on a GPU).
         outs, start = [], 0
         for e, n in enumerate(counts_E.tolist()):
             if n == 0:
@@ -176,7 +179,9 @@ class ModuleExperts(nn.Module):
             self._check_out(y, xe)
             outs.append(y)
             start += n
-        return torch.cat(outs) if outs else x_NH[:0]
+        if start < x_NH.shape[0]:  # rows of dropped assignments (the dispatcher ignores them)
+            outs.append(x_NH.new_zeros(x_NH.shape[0] - start, x_NH.shape[1]))
+        return torch.cat(outs)
 
     def shard_(self, lo: int, hi: int) -> None:
         self.experts = nn.ModuleList(list(self.experts)[lo:hi])

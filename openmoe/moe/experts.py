@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .kernels import _contiguous_grad, compute_dtype, grouped_mm, grouped_mm_fn  # noqa: F401 (re-exported)
+
 
 def gated_mlp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The OpenMoE gate: x @ W_gate is 2I wide; first half times silu(second half) times up."""
@@ -26,33 +28,21 @@ def gated_mlp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return a * F.silu(b) * up
 
 
-def _contiguous_grad(t: torch.Tensor) -> torch.Tensor:
-    # grouped_mm's CPU backward rejects expanded (stride-0) gradients, e.g. from .sum().
-    if t.requires_grad:
-        t.register_hook(lambda g: g.contiguous())
-    return t
+def group_offsets(counts_E: torch.Tensor) -> torch.Tensor:
+    """grouped_mm's offsets: where each expert's rows end (int32, on the counts' device)."""
+    return torch.cumsum(counts_E, 0, dtype=torch.int32)
 
 
-def _grouped_mm_fn() -> Callable | None:
-    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
-
-
-def compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
-    """grouped_mm is not autocast-aware: under autocast use its dtype (as torch.matmul would),
-    else the weights' dtype."""
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return w.dtype
-
-
-def grouped_mm(x_NH: torch.Tensor, w_EHO: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    fn = _grouped_mm_fn()
-    dt = compute_dtype(x_NH, w_EHO)
-    return _contiguous_grad(fn(x_NH.to(dt), w_EHO.to(dt), offs=offs_E))
+def expert_of_rows(counts_E: torch.Tensor, num_rows: int) -> torch.Tensor:
+    """Expert id of each of num_rows expert-sorted rows, with static shapes (repeat_interleave
+    would need the counts on the host). Rows past the last expert's get E: they are dropped
+    assignments, which belong to no expert."""
+    rows = torch.arange(num_rows, device=counts_E.device, dtype=torch.int32)
+    return torch.searchsorted(group_offsets(counts_E), rows, right=True)
 
 
 def experts_grouped_mm(experts: "OpenMoeExperts", x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    offs = group_offsets(counts_E)
     h = gated_mlp(grouped_mm(x_NH, experts.wi_gate, offs), grouped_mm(x_NH, experts.wi_up, offs))
     return grouped_mm(h, experts.wo, offs)
 
@@ -126,7 +116,7 @@ def register_expert_backend(name: str, fn: Callable) -> None:
 def grouped_mm_available(x: torch.Tensor, *weights: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
     """The kernel exists for this device, and every operand's rows are 16-byte aligned (its
     requirement: hidden and intermediate sizes that are multiples of 8 for bf16, 4 for fp32)."""
-    if _grouped_mm_fn() is None:
+    if grouped_mm_fn() is None:
         return False
     if x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) < (8, 0):
         return False
@@ -152,9 +142,13 @@ def resolve_implementation(name: str, x: torch.Tensor, compute: torch.dtype) -> 
     """"auto" -> the faster kernel for this device and dtype, as measured on a whole OpenMoE
     training step (docs/benchmarks.md, "Expert kernels"): on CPU the per-expert loop is 12-30%
     faster in bf16 (torch's CPU grouped_mm bf16 backward is slow), within the noise in fp32; on
-    CUDA grouped_mm is one kernel. Same math either way (the loop is the reference)."""
+    CUDA grouped_mm is one kernel. Same math either way (the loop is the reference).
+    Under torch.compile "auto" is always grouped_mm: the loop needs the counts on the host (a
+    graph break and a sync), grouped_mm takes them as a device tensor (moe/kernels.py)."""
     if name != "auto":
         return name
+    if torch.compiler.is_compiling():
+        return "grouped_mm"
     if x.device.type == "cpu" and compute in (torch.bfloat16, torch.float16):
         return "eager"
     return "grouped_mm"

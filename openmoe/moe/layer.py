@@ -121,10 +121,11 @@ class MoELayer(nn.Module):
         plan = self.dispatcher.plan(routing, self.num_experts)
         y_TH = self.dispatcher.apply(self.experts, x_BSH.reshape(-1, shape[-1]), plan, x.dtype)
 
-        active = (routing.keep_TK.numel() if mask is None
-                  else int(mask.sum().item()) * self.top_k)
+        # routed assignments of real tokens; a tensor when masked (no .item(): no host sync)
+        active = (max(routing.keep_TK.numel(), 1) if mask is None
+                  else (mask.sum() * self.top_k).clamp_min(1).float())
         counts_E = routing.tokens_per_expert(self.num_experts)  # by logical expert, whatever the placement
-        dropped = 1.0 - counts_E.sum().float() / max(active, 1)
+        dropped = 1.0 - counts_E.sum().float() / active
         stats = MoEOutput(routing.logits_TE, routing.aux_loss, routing.z_loss, counts_E, dropped,
                           self._weighted_loss(routing))
         return y_TH.view(shape), stats

@@ -34,10 +34,18 @@ class Routing:
     capacity: int | None  # per expert per group; None for dropless
     aux_loss: torch.Tensor | None  # load-balance loss (Switch form, per group, averaged)
     z_loss: torch.Tensor | None  # router z-loss: mean(logsumexp(logits)^2); None when not computed
+    all_kept: bool = False  # known from shapes alone: no capacity drop possible and no padding mask
 
     def tokens_per_expert(self, num_experts: int) -> torch.Tensor:
-        """Kept assignments per expert, shape [E]."""
-        return torch.bincount(self.expert_TK[self.keep_TK], minlength=num_experts)
+        """Kept assignments per expert, shape [E] (long). A scatter-add, not bincount or a boolean
+        index: both size their output from the data, a host sync on GPUs."""
+        return count_per_expert(self.expert_TK, self.keep_TK, num_experts)
+
+
+def count_per_expert(expert_TK: torch.Tensor, keep_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """How many kept assignments each expert has, [E] long, with static shapes (no host sync)."""
+    counts = torch.zeros(num_experts, dtype=torch.long, device=expert_TK.device)
+    return counts.scatter_add_(0, expert_TK.reshape(-1), keep_TK.reshape(-1).long())
 
 
 CAPACITY_POLICIES = ("t5x", "colossalai", "dropless")
@@ -145,7 +153,8 @@ def queue_positions(expert_TK: torch.Tensor, group_T: torch.Tensor, active_TK: t
     key_TK = (segment_TK * K + choice_K[None, :]) * T + token_T[:, None]
     order = torch.argsort(key_TK.reshape(-1))
     seg_sorted = segment_TK.reshape(-1)[order]
-    counts = torch.bincount(seg_sorted, minlength=num_groups * num_experts + 1)
+    counts = torch.zeros(num_groups * num_experts + 1, dtype=torch.long, device=device)
+    counts.scatter_add_(0, seg_sorted, torch.ones_like(seg_sorted))  # bincount would size from data
     starts = torch.cumsum(counts, 0) - counts
     pos_sorted = torch.arange(order.numel(), device=device) - starts[seg_sorted]
     pos = torch.empty_like(pos_sorted)
@@ -153,17 +162,19 @@ def queue_positions(expert_TK: torch.Tensor, group_T: torch.Tensor, active_TK: t
     return torch.where(active_TK, pos.view(T, K), -1)
 
 
-def load_balance_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, group_T: torch.Tensor,
-                      weight_T: torch.Tensor, num_groups: int) -> torch.Tensor:
+def load_balance_loss(probs_TE: torch.Tensor, expert_TK: torch.Tensor, weight_T: torch.Tensor,
+                      num_groups: int) -> torch.Tensor:
     """Switch/flaxformer form: E^2 * mean over (group, expert) of f * P, where f is the fraction of
     the group's tokens that chose e among their top-k (before capacity) and P the mean router
-    probability of e. weight_T (0/1) drops padded tokens from both means."""
+    probability of e. Groups are num_groups consecutive blocks of equal size (t5x's groups, or one
+    group), so per-group sums are a reshape and a sum (no scatter). weight_T (0/1) drops padded
+    tokens from both means."""
     T, E = probs_TE.shape
+    G = num_groups
     chose_TE = torch.zeros_like(probs_TE).scatter_(1, expert_TK, 1.0) * weight_T[:, None]
-    count_G = torch.zeros(num_groups, device=probs_TE.device).index_add_(0, group_T, weight_T)
-    f_GE = torch.zeros(num_groups, E, device=probs_TE.device).index_add_(0, group_T, chose_TE)
-    p_GE = torch.zeros(num_groups, E, device=probs_TE.device).index_add_(
-        0, group_T, probs_TE * weight_T[:, None])
+    count_G = weight_T.view(G, T // G).sum(1)
+    f_GE = chose_TE.view(G, T // G, E).sum(1)
+    p_GE = (probs_TE * weight_T[:, None]).view(G, T // G, E).sum(1)
     denom_G = count_G.clamp_min(1.0)[:, None]
     valid_G = (count_G > 0).float()
     per_group = (f_GE / denom_G * p_GE / denom_G).mean(dim=1)
@@ -227,7 +238,8 @@ def route(
         raise ValueError(f"capacity policy {policy.name!r}: choose t5x, colossalai or dropless")
 
     active_TK = mask_T[:, None].expand(T, top_k)
-    if capacity is None or capacity >= T // num_groups:
+    can_drop = capacity is not None and capacity < T // num_groups  # Python ints: no data involved
+    if not can_drop:
         # A token picks an expert at most once, so a queue never exceeds the group's token count:
         # nothing can drop (always the case at decode, where groups hold one token).
         keep_TK = active_TK.clone()
@@ -240,7 +252,7 @@ def route(
     aux = z = None
     if compute_losses:  # skipped at inference: a dozen small ops per layer and decode step
         w_T = mask_T.float()
-        aux = load_balance_loss(probs_TE, expert_TK, group_T, w_T, num_groups)
+        aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
         z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
 
     def real(t):  # drop the t5x zero tokens by slicing (no boolean-mask host sync)
@@ -258,4 +270,5 @@ def route(
         capacity=capacity,
         aux_loss=aux,
         z_loss=z,
+        all_kept=not can_drop and token_mask_BS is None,
     )

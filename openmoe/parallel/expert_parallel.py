@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..moe.dispatch import DispatchPlan, LocalDispatcher
+from ..moe.dispatch import DispatchPlan, LocalDispatcher, mask_rows
 from ..moe.router import Routing
 
 
@@ -88,7 +88,7 @@ class AllToAllDispatcher(LocalDispatcher):
         if plan.mode == "gather":
             # experts travel (all-gathered, differentiable), tokens stay: run every expert here
             full = {name: gather_experts(p, self.group) for name, p in _stacked(experts).items()}
-            x_NH = x_TH[plan.token_N]
+            x_NH = mask_rows(x_TH[plan.token_N], plan.kept_N)
             y_NH = torch.func.functional_call(experts, full, (x_NH, plan.counts_E))
             y = LocalDispatcher.combine(self, y_NH, plan, out_dtype)
         else:
@@ -98,7 +98,7 @@ class AllToAllDispatcher(LocalDispatcher):
 
     def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         ex = plan.exchange
-        rows = x_TH[plan.token_N]
+        rows = x_TH[plan.token_N[:sum(ex.send_splits)]]  # the kept rows come first; dropped ones stay
         out = rows.new_empty(sum(ex.recv_splits), rows.shape[1])
         recv = a2a(out, rows, ex.recv_splits, ex.send_splits, group=self.group)
         return recv[ex.perm], ex.local_counts
@@ -108,6 +108,9 @@ class AllToAllDispatcher(LocalDispatcher):
         back = torch.empty_like(y_NH).index_copy(0, ex.perm, y_NH)  # undo the local-expert order
         out = y_NH.new_empty(sum(ex.send_splits), y_NH.shape[1])
         y_rows = a2a(out, back, ex.send_splits, ex.recv_splits, group=self.group)
+        dropped = plan.token_N.shape[0] - y_rows.shape[0]  # rows of dropped assignments: zeros
+        if dropped:
+            y_rows = torch.cat([y_rows, y_rows.new_zeros(dropped, y_rows.shape[1])])
         return super().combine(y_rows, plan, out_dtype)
 
 

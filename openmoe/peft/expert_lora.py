@@ -25,7 +25,7 @@ import types
 
 import torch
 
-from ..moe.experts import (compute_dtype, gated_mlp, grouped_mm, grouped_mm_available, loop_mm,
+from ..moe.experts import (compute_dtype, gated_mlp, group_offsets, grouped_mm, grouped_mm_available, loop_mm,
                            register_expert_backend, resolve_implementation)
 
 BACKEND = "lora"
@@ -71,7 +71,7 @@ def _projection(experts, name: str, x: torch.Tensor, offs: torch.Tensor, counts:
 
 
 def experts_lora(experts, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-    offs = torch.cumsum(counts_E, 0).to(torch.int32)
+    offs = group_offsets(counts_E)
     h = gated_mlp(_projection(experts, "wi_gate", x_NH, offs, counts_E),
                   _projection(experts, "wi_up", x_NH, offs, counts_E))
     return _projection(experts, "wo", h, offs, counts_E)

@@ -13,7 +13,8 @@ tests/planner/test_activations.py), so they depend on what is trained:
     projection's input I; attention keeps q, k, v, the output (4 x A) and the log-sum-exp;
   - the experts run in the compute dtype: under autocast grouped_mm casts to autocast's dtype
     (openmoe/moe/experts.py: compute_dtype), as torch.matmul would; LoRA runs them in the base dtype;
-  - the combine keeps the expert outputs in fp32 (and the weighted copy when the router trains);
+  - the combine keeps a row index and weight per assignment (and the fp32 expert outputs when the
+    router trains);
   - the loss keeps the fp32 logits and their log-softmax: 8 V bytes per token.
 """
 
@@ -115,9 +116,10 @@ class TokenBytes:
         return b + sum(e * n.lora.get(p, 0) for p in ("wi_gate", "wi_up", "wo"))
 
     def combine(self, router_in_graph: bool) -> int:
-        """Per kept assignment: fp32 expert outputs, weights, indices (and the weighted rows when
-        the router's weights need a gradient)."""
-        return 4 * self.H + 12 + (4 * self.H + 8 if router_in_graph else 0)
+        """Per kept assignment (openmoe/moe/dispatch.py: a gather, then weight and sum in fp32):
+        the gather's row index and the fp32 weight, and the fp32 expert output when the router's
+        weights need a gradient."""
+        return 12 + (4 * self.H if router_in_graph else 0)
 
     def loss(self) -> int:
         # openmoe/losses.py keeps the fp32 logits and per token: log-sum-exp, target id and two

@@ -41,7 +41,7 @@ def test_retained_memory_is_reused_without_page_faults():
     assert applied
     _, faults_default = _faults_per_round(retain=False)
     assert min(faults_default[1:]) > 8000, faults_default  # the cost the setting removes
-    assert max(faults[4:]) < 1000, faults
+    assert max(faults[-3:]) < 1000, faults  # steady state: the last rounds of 8
 
 
 def test_default_dtype_follows_the_cpu():
