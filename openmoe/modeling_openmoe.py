@@ -204,7 +204,9 @@ class OpenMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    _can_compile_fullgraph = False  # routing has data-dependent shapes
+    # The forward compiles with fullgraph=True (tests/test_compile.py); generate's automatic
+    # compile with a static cache has not been checked yet, so it stays off.
+    _can_compile_fullgraph = False
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module):
@@ -271,6 +273,9 @@ class OpenMoeModel(OpenMoePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, S = inputs_embeds.shape[:2]
         past = cache.get_seq_length() if cache is not None else 0
+        # HF's mask builder reads given position ids for packed documents (restarts), which costs
+        # a host sync outside torch.compile; positions we make ourselves are never packed.
+        packed_positions = position_ids
         if position_ids is None:
             position_ids = torch.arange(past, past + S, device=inputs_embeds.device).unsqueeze(0).expand(B, S)
         if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + S:
@@ -278,7 +283,7 @@ class OpenMoeModel(OpenMoePreTrainedModel):
                              f"past ({past}) + new ({S}) tokens = {past + S}")
         causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                          attention_mask=attention_mask, cache=cache,
-                                         position_ids=position_ids)
+                                         position_ids=packed_positions)
         # Tokens of the current step that are padding take no expert capacity.
         token_mask = attention_mask[:, -S:].bool() if attention_mask is not None and attention_mask.dim() == 2 else None
 

@@ -41,6 +41,9 @@ class TrainConfig:
     freeze: list = field(default_factory=list)  # router, experts, embeddings, attention, mlp, norms, lm_head
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
     activation_checkpointing: bool = False
+    # torch.compile each decoder layer (fullgraph; the MoE routing has no host syncs or graph
+    # breaks). The first steps pay the compilation; numerics equal eager's to rounding.
+    compile: bool = False
     device: str = "auto"  # auto | cpu | cuda
     cpu_retain_memory: bool = True  # on CPU keep freed memory mapped for reuse (utils.hardware.retain_freed_memory)
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank

@@ -8,6 +8,7 @@ averaged over micro-batches.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -25,6 +26,7 @@ from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
 from . import checkpoint as ckpt
+from .compile import compile_layers
 from .config import ConfigError, TrainConfig, dump_config
 from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
 from .optim import build_optimizer, freeze, lr_lambda
@@ -93,6 +95,10 @@ class Trainer:
             freeze(self.model, cfg.freeze)
         if cfg.activation_checkpointing:
             self.model.activation_checkpointing_enable()
+        if cfg.compile:
+            n = compile_layers(self.model)
+            self.log(f"compile: {n} decoder layers compiled with torch.compile(fullgraph=True); the first "
+                     f"steps include compilation")
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
@@ -197,26 +203,28 @@ class Trainer:
         total_targets = max(1, int(self._all_sum([sum(n_targets)])[0])) / self.ps.world
         A = len(batches)
         agg = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "router_z_loss": 0.0, "output_z_loss": 0.0}
-        tpe, dropped = None, None
+        tpe, dropped, sums = None, None, None
         for b, n in zip(batches, n_targets):
             with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                 out = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
                                  use_cache=False)
             share = n / total_targets
             loss = out.lm_loss * share + (out.loss - out.lm_loss) / A
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"step {self.step}: loss is {loss.item()} (not finite); stopped without "
-                                       f"saving, the last good checkpoint is kept in {self.ckpt_dir}")
             loss.backward()
-            agg["loss"] += loss.item()
-            agg["lm_loss"] += out.lm_loss.item() * share
-            for k in ("aux_loss", "router_z_loss", "output_z_loss"):
-                v = getattr(out, k)
-                agg[k] += (v.item() if v is not None else 0.0) / A
+            # summed on the device: one host sync per step (below), not one per micro-batch and loss
+            parts = [loss.detach(), out.lm_loss.detach() * share] + [
+                (getattr(out, k).detach() / A if getattr(out, k) is not None else loss.new_zeros(()))
+                for k in ("aux_loss", "router_z_loss", "output_z_loss")]
+            sums = torch.stack(parts) if sums is None else sums + torch.stack(parts)
             if out.tokens_per_expert is not None:
                 self.balancer.observe(out.tokens_per_expert)
                 tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
                 dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
+        keys = ["loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss"]
+        agg.update(zip(keys, sums.tolist()))
+        if not math.isfinite(agg["loss"]):  # checked before the update: the weights stay as they were
+            raise TrainingDiverged(f"step {self.step}: loss is {agg['loss']} (not finite); stopped without "
+                                   f"saving, the last good checkpoint is kept in {self.ckpt_dir}")
         sync_gradients(self.model, self.ps)
         gnorm = clip_grad_norm(self.model, cfg.clip_grad, self.ps)
         if not torch.isfinite(gnorm):
@@ -224,7 +232,6 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = ["loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss"]
         means = self._all_sum([agg[k] for k in keys])
         for k, v in zip(keys, means):  # the global figures are the means over ranks
             agg[k] = v / self.ps.world
