@@ -1,11 +1,14 @@
 """Forward+backward of one MoE layer at OpenMoE-base shapes, against a dense gated MLP of the same
 active FLOPs and HF transformers' Mixtral sparse MoE block (grouped_mm and eager), in one run.
 
-    python bench/moe_layer.py [--tokens 4096] [--dtypes float32,bfloat16] [--iters 3]
+    python bench/moe_layer.py [--preset base|8b] [--tokens 4096] [--dtypes float32,bfloat16] [--iters 3]
+        [--impls grouped_mm,eager] [--policies dropless,t5x] [--compile] [--max-seconds S]
 
 Reports seconds, GFLOP/s (model FLOPs: 3 x forward GEMM FLOPs of the kept assignments),
-ratios to the dense layer, and the fraction of a measured matmul peak. Results go to
-docs/benchmarks.md by hand, with the command line.
+ratios to the dense layer and, per FLOP, to HF Mixtral's grouped_mm block, and the fraction of a
+measured matmul peak. Each row is printed as soon as it is measured. Results go to
+docs/benchmarks.md by hand, with the command line. --preset 8b: OpenMoE-8B widths (H 2048,
+I 8192, E 32, top-2, 16384 tokens); explicit shape flags override the preset.
 
     python bench/moe_layer.py --suite general [--capacity-factor 1.25]
 
@@ -20,8 +23,11 @@ an optional bench extra: see requirements-bench.txt; without it its rows are ski
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import sys
+import time
+import traceback
 
 import torch
 from torch import nn
@@ -51,7 +57,67 @@ def fwd_bwd(module, x, call):
     return run
 
 
+PRESETS = {  # shape defaults; explicit flags win
+    "base": dict(tokens=4096, hidden=768, intermediate=2048, experts=16, top_k=2),
+    "8b": dict(tokens=16384, hidden=2048, intermediate=8192, experts=32, top_k=2),
+}
+IMPLS = ("grouped_mm", "eager")
+POLICIES = ("dropless", "t5x")
+
+
+def _csv(choices):
+    def parse(text):
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        bad = [t for t in items if t not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: choose from {','.join(choices)}")
+        return items
+    return parse
+
+
+def error_line(err: BaseException) -> str:
+    """One table cell for a failed row: 'Type: message' (torch's 'Set TORCHDYNAMO_VERBOSE' advice
+    left out) and, for the innermost cause, the last frame 'file:line in function'."""
+    skip = ("TORCHDYNAMO_VERBOSE", "TORCH_LOGS", "You can suppress this exception")
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip() and not any(k in ln for k in skip)]
+    text = " ".join(lines[:2]) if lines and lines[0].endswith(":") else (lines[0] if lines else "")
+    inner = err
+    for _ in range(8):  # InductorError keeps the original in inner_exception
+        nxt = inner.__cause__ or getattr(inner, "inner_exception", None)
+        if nxt is None or nxt is inner:
+            break
+        inner = nxt
+    where = ""
+    if inner.__traceback__ is not None:
+        f = traceback.extract_tb(inner.__traceback__)[-1]
+        where = f" (at {os.path.basename(f.filename)}:{f.lineno} in {f.name})"
+    return f"{type(err).__name__}: {text[:240]}{where}".replace("|", "/")
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def measured_peak(dtype, device) -> tuple[float, int]:
+    """Max GEMM GFLOP/s over square sizes (n = 2048, 3072, and 4096, 8192 on CUDA) and the n."""
+    sizes = (2048, 3072, 4096, 8192) if torch.device(device).type == "cuda" else (2048, 3072)
+    best = max((matmul_peak(dtype, device, n=n), n) for n in sizes)
+    free_memory()
+    return best
+
+
+def tf32_state() -> str:
+    prec = getattr(torch.backends.cuda.matmul, "fp32_precision", "n/a")  # torch >= 2.9
+    return (f"tf32: torch.backends.cuda.matmul.allow_tf32={torch.backends.cuda.matmul.allow_tf32}, "
+            f"float32_matmul_precision={torch.get_float32_matmul_precision()}, matmul.fp32_precision={prec}")
+
+
 def main(argv=None):
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", choices=tuple(PRESETS), default="base")
+    preset = pre.parse_known_args(argv)[0].preset
     ap = argparse.ArgumentParser(
         description="Forward+backward of one MoE layer (training mode) against dense and library peers.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -60,13 +126,25 @@ def main(argv=None):
                          "(the docs/benchmarks.md table); general: the general layer with a two-layer "
                          "GELU FFN expert (built-in 'mlp' and a user module) vs DeepSpeed's MoE and a "
                          "dense FFN; all: both")
-    ap.add_argument("--tokens", type=int, default=4096, help="tokens T per call (one [1, T, H] batch)")
-    ap.add_argument("--hidden", type=int, default=768, help="hidden size H")
-    ap.add_argument("--intermediate", type=int, default=2048, help="expert intermediate size I")
-    ap.add_argument("--experts", type=int, default=16, help="number of experts E")
-    ap.add_argument("--top-k", type=int, default=2, help="experts per token (the general suite needs 2: "
-                                                          "DeepSpeed's top-2 gate)")
+    ap.add_argument("--preset", choices=tuple(PRESETS), default="base",
+                    help="shape defaults: base = OpenMoE-base (H 768, I 2048, E 16, 4096 tokens); "
+                         "8b = OpenMoE-8B (H 2048, I 8192, E 32, 16384 tokens); shape flags override")
+    ap.add_argument("--tokens", type=int, help="tokens T per call (one [1, T, H] batch)")
+    ap.add_argument("--hidden", type=int, help="hidden size H")
+    ap.add_argument("--intermediate", type=int, help="expert intermediate size I")
+    ap.add_argument("--experts", type=int, help="number of experts E")
+    ap.add_argument("--top-k", type=int, help="experts per token (the general suite needs 2: "
+                                               "DeepSpeed's top-2 gate)")
     ap.add_argument("--dtypes", default="float32,bfloat16", help="comma-separated torch dtypes")
+    ap.add_argument("--impls", type=_csv(IMPLS), default=list(IMPLS),
+                    help="openmoe suite: expert implementations for our layer and HF Mixtral's block")
+    ap.add_argument("--policies", type=_csv(POLICIES), default=list(POLICIES),
+                    help="openmoe suite: capacity policies of our layer")
+    ap.add_argument("--compile", action="store_true",
+                    help="openmoe suite: also each policy's grouped_mm layer under torch.compile(fullgraph=True) "
+                         "(the warm-up call compiles)")
+    ap.add_argument("--max-seconds", type=float, default=0,
+                    help="openmoe suite: start no further row after this many seconds (0: no limit)")
     ap.add_argument("--iters", type=int, default=3, help="timed fwd+bwd calls (median), after one warm-up")
     ap.add_argument("--capacity-factor", type=float, default=1.25,
                     help="general suite: the capacity case, ours capacity=CF (ColossalAI rule) vs "
@@ -74,12 +152,17 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-retain", action="store_true",
                     help="leave glibc's allocator as it is (train.py keeps freed CPU memory for reuse)")
+    ap.set_defaults(**PRESETS[preset])
     args = ap.parse_args(argv)
+    args.start = time.perf_counter()
     T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
-    print(describe_machine())
+    print(describe_machine(), flush=True)
     retained = args.device == "cpu" and not args.no_retain and retain_freed_memory()
     print(f"allocator: {'freed memory kept for reuse, as train.py does (every row)' if retained else 'default'}")
-    print(f"shapes: tokens {T}, H {H}, I {I}, E {E}, top-{K}, device {args.device}\n")
+    if torch.device(args.device).type == "cuda":
+        print(tf32_state())
+    print(f"shapes (preset {args.preset}): tokens {T}, H {H}, I {I}, E {E}, top-{K}, device {args.device}\n",
+          flush=True)
     if args.suite in ("openmoe", "all"):
         openmoe_suite(args)
     if args.suite in ("general", "all"):
@@ -88,45 +171,86 @@ def main(argv=None):
 
 def openmoe_suite(args):
     T, H, I, E, K = args.tokens, args.hidden, args.intermediate, args.experts, args.top_k
+    dev = args.device
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
+    def build(make, dtype):
+        with torch.device(dev):  # initialise on the device: an 8B-width layer is GBs of weights
+            return _init(make()).to(dev, dtype)
+
+    def openmoe_layer(policy, impl):
+        return MoELayer(H, E, K, experts="openmoe", intermediate_size=I, capacity=CapacityPolicy(policy),
+                        experts_implementation=impl)
+
+    def mixtral_block(impl):
+        cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
+        cfg._experts_implementation = impl
+        return MixtralSparseMoeBlock(cfg)
+
+    gemm_moe = 2 * T * K * 4 * H * I  # gate (2I) + up (I) + down (I): 4HI MACs per assignment
     for dname in args.dtypes.split(","):
         dtype = getattr(torch, dname)
-        if dtype == torch.bfloat16 and args.device == "cpu" and not cpu_info()["native_bf16"]:
+        if dtype == torch.bfloat16 and dev == "cpu" and not cpu_info()["native_bf16"]:
             print(f"{dname}: skipped (no native bf16 on this CPU: bf16 matmul would run ~400x slower)\n")
             continue
-        peak = max(matmul_peak(dtype, args.device), matmul_peak(dtype, args.device, n=3072))
-        x = torch.randn(1, T, H, device=args.device, dtype=dtype, requires_grad=True)
-        gemm_moe = 2 * T * K * 4 * H * I  # gate (2I) + up (I) + down (I): 4HI MACs per assignment
-        rows = []
+        peak, peak_n = measured_peak(dtype, dev)
+        print(f"{dname}: measured matmul peak {peak:.1f} GFLOP/s (best square GEMM, n={peak_n})", flush=True)
+        print("| layer | s / fwd+bwd | GFLOP/s | x dense time | % of peak | x HF Mixtral grouped_mm per FLOP |")
+        print("|---|---|---|---|---|---|", flush=True)
+        x = torch.randn(1, T, H, device=dev, dtype=dtype, requires_grad=True)
+        ref = {}  # "dense": seconds, "mixtral": GFLOP/s
 
-        dense = _init(OpenMoeMLP(H, K * I)).to(args.device, dtype)  # same active FLOPs
-        rows.append(("dense gated MLP (I x k)", timeit(fwd_bwd(dense, x, lambda m, x: m(x)), 1, args.iters),
-                     3 * gemm_moe))
-        for policy in ("dropless", "t5x"):
-            for impl in ("grouped_mm", "eager"):
-                layer = _init(MoELayer(H, E, K, experts="openmoe", intermediate_size=I, capacity=CapacityPolicy(policy), experts_implementation=impl))
-                layer = layer.to(args.device, dtype).train()
-                kept = layer(x.detach())[1].tokens_per_expert.sum().item()
-                s = timeit(fwd_bwd(layer, x, lambda m, x: m(x)[0]), 1, args.iters)
-                rows.append((f"openmoe {policy} {impl}", s, 3 * 2 * kept * 4 * H * I))
-        for impl in ("grouped_mm", "eager"):
-            cfg = MixtralConfig(hidden_size=H, intermediate_size=I, num_local_experts=E, num_experts_per_tok=K)
-            cfg._experts_implementation = impl
-            blk = _init(MixtralSparseMoeBlock(cfg)).to(args.device, dtype)
-            # Mixtral's SwiGLU expert is 3HI MACs (ours is 4HI): FLOPs counted for its own shape.
-            rows.append((f"HF Mixtral block {impl}", timeit(fwd_bwd(blk, x, lambda m, x: m(x)), 1, args.iters),
-                         3 * 2 * T * K * 3 * H * I))
+        # (name, builder, call, FLOPs: None = count the kept assignments of the built layer, compile?)
+        plan = [("dense gated MLP (I x k)", lambda: OpenMoeMLP(H, K * I), lambda m, x: m(x), 3 * gemm_moe, False)]
+        # Mixtral's SwiGLU expert is 3HI MACs (ours is 4HI): FLOPs counted for its own shape.
+        # grouped_mm first: the per-FLOP reference of every later row.
+        plan += [(f"HF Mixtral block {impl}", lambda impl=impl: mixtral_block(impl), lambda m, x: m(x),
+                  3 * 2 * T * K * 3 * H * I, False) for impl in args.impls]
+        for policy in args.policies:
+            plan += [(f"openmoe {policy} {impl}", lambda p=policy, i=impl: openmoe_layer(p, i),
+                      lambda m, x: m(x)[0], None, False) for impl in args.impls]
+            if args.compile:
+                plan.append((f"openmoe {policy} grouped_mm compiled",
+                             lambda p=policy: openmoe_layer(p, "grouped_mm"), lambda m, x: m(x)[0], None, True))
 
-        t_dense = rows[0][1]
-        print(f"{dname}: measured matmul peak {peak:.1f} GFLOP/s")
-        print("| layer | s / fwd+bwd | GFLOP/s | x dense time | % of peak |")
-        print("|---|---|---|---|---|")
-        for name, s, flops in rows:
+        for name, make, call, flops, compiled in plan:
+            if args.max_seconds and time.perf_counter() - args.start > args.max_seconds:
+                print(f"| {name} | not run: --max-seconds {args.max_seconds:g} spent | | | | |", flush=True)
+                continue
+            module = None
+            try:
+                module = build(make, dtype).train()
+                if flops is None:
+                    with torch.no_grad():
+                        kept = module(x.detach())[1].tokens_per_expert.sum().item()
+                    flops = 3 * 2 * kept * 4 * H * I
+                runner = module
+                if compiled:
+                    torch._dynamo.reset()
+                    runner = torch.compile(module, fullgraph=True)
+                s = timeit(fwd_bwd(runner, x, call), 1, args.iters)
+            except Exception as err:  # noqa: BLE001 - one failed row must not end a scarce GPU run
+                what = "compile failed" if compiled else "failed"
+                print(f"| {name} | {what}: {error_line(err)} | | | | |", flush=True)
+                del module
+                x.grad = None
+                free_memory()
+                continue
             g = flops / s / 1e9
-            print(f"| {name} | {s:.3f} | {g:.1f} | {s / t_dense:.2f} | {100 * g / peak:.0f}% |")
-        print()
+            if name.startswith("dense"):
+                ref["dense"] = s
+            if name == "HF Mixtral block grouped_mm":
+                ref["mixtral"] = g
+            vs_dense = f"{s / ref['dense']:.2f}" if "dense" in ref else "-"
+            vs_mix = f"{g / ref['mixtral']:.2f}" if "mixtral" in ref else "-"
+            print(f"| {name} | {s:.4f} | {g:.1f} | {vs_dense} | {100 * g / peak:.0f}% | {vs_mix} |", flush=True)
+            del module, runner
+            x.grad = None
+            free_memory()
+        if args.compile:
+            torch._dynamo.reset()
+        print(flush=True)
 
 
 class TwoLayerFFN(nn.Module):

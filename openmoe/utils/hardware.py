@@ -57,11 +57,23 @@ def timeit(fn, warmup: int = 1, iters: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048) -> float:
-    """Measured GEMM GFLOP/s of one square n x n x n matmul of this dtype on this device."""
+def matmul_peak(dtype: torch.dtype, device: str = "cpu", n: int = 2048, reps: int | None = None) -> float:
+    """Measured GEMM GFLOP/s of a square n x n x n matmul of this dtype on this device. Each timed
+    call runs `reps` matmuls back to back (default: 1 on CPU; on CUDA enough for ~2 TFLOP, at most
+    64, so that the launch and the synchronisation around the call do not count against a GPU
+    GEMM that lasts well under a millisecond)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    return 2 * n ** 3 / timeit(lambda: a @ b) / 1e9
+    flops = 2 * n ** 3
+    if reps is None:
+        reps = 1 if torch.device(device).type == "cpu" else max(1, min(64, round(2e12 / flops)))
+    out = torch.empty(n, n, device=device, dtype=dtype)
+
+    def run():
+        for _ in range(reps):
+            torch.matmul(a, b, out=out)
+
+    return reps * flops / timeit(run) / 1e9
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc mallopt parameters (malloc.h)
