@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels import _contiguous_grad, compute_dtype, grouped_mm, grouped_mm_fn  # noqa: F401 (re-exported)
+from .kernels import compute_dtype, grouped_mm, grouped_mm_fn  # noqa: F401 (re-exported)
 
 
 def gated_mlp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:

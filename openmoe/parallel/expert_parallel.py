@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..moe.dispatch import DispatchPlan, LocalDispatcher, mask_rows
+from ..moe.dispatch import DispatchPlan, LocalDispatcher
 from ..moe.router import Routing
 
 
@@ -88,8 +88,8 @@ class AllToAllDispatcher(LocalDispatcher):
         if plan.mode == "gather":
             # experts travel (all-gathered, differentiable), tokens stay: run every expert here
             full = {name: gather_experts(p, self.group) for name, p in _stacked(experts).items()}
-            x_NH = mask_rows(x_TH[plan.token_N], plan.kept_N)
-            y_NH = torch.func.functional_call(experts, full, (x_NH, plan.counts_E))
+            x_NH, counts_E = LocalDispatcher.dispatch(self, x_TH, plan)
+            y_NH = torch.func.functional_call(experts, full, (x_NH, counts_E))
             y = LocalDispatcher.combine(self, y_NH, plan, out_dtype)
         else:
             y = super().apply(experts, x_TH, plan, out_dtype)

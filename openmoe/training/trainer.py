@@ -31,6 +31,9 @@ from .config import ConfigError, TrainConfig, dump_config
 from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
 from .optim import build_optimizer, freeze, lr_lambda
 
+# what train_step logs of the model's losses, in this order (the total first, then its parts)
+LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss")
+
 
 class TrainingDiverged(RuntimeError):
     pass
@@ -202,7 +205,6 @@ class Trainer:
         # averages over ranks, hence the factor world.
         total_targets = max(1, int(self._all_sum([sum(n_targets)])[0])) / self.ps.world
         A = len(batches)
-        agg = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0, "router_z_loss": 0.0, "output_z_loss": 0.0}
         tpe, dropped, sums = None, None, None
         for b, n in zip(batches, n_targets):
             with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
@@ -214,14 +216,13 @@ class Trainer:
             # summed on the device: one host sync per step (below), not one per micro-batch and loss
             parts = [loss.detach(), out.lm_loss.detach() * share] + [
                 (getattr(out, k).detach() / A if getattr(out, k) is not None else loss.new_zeros(()))
-                for k in ("aux_loss", "router_z_loss", "output_z_loss")]
+                for k in LOSS_KEYS[2:]]
             sums = torch.stack(parts) if sums is None else sums + torch.stack(parts)
             if out.tokens_per_expert is not None:
                 self.balancer.observe(out.tokens_per_expert)
                 tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
                 dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
-        keys = ["loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss"]
-        agg.update(zip(keys, sums.tolist()))
+        agg = dict(zip(LOSS_KEYS, sums.tolist()))
         if not math.isfinite(agg["loss"]):  # checked before the update: the weights stay as they were
             raise TrainingDiverged(f"step {self.step}: loss is {agg['loss']} (not finite); stopped without "
                                    f"saving, the last good checkpoint is kept in {self.ckpt_dir}")
@@ -232,8 +233,8 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        means = self._all_sum([agg[k] for k in keys])
-        for k, v in zip(keys, means):  # the global figures are the means over ranks
+        means = self._all_sum([agg[k] for k in LOSS_KEYS])
+        for k, v in zip(LOSS_KEYS, means):  # the global figures are the means over ranks
             agg[k] = v / self.ps.world
         agg["grad_norm"] = gnorm.item()
         agg["tokens"] = sum(b["input_ids"].numel() for b in batches) * self.ps.world

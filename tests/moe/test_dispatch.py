@@ -3,9 +3,8 @@ last) and the masks that keep dropped rows out of the output and the input gradi
 
 import torch
 
-from openmoe.moe import CapacityPolicy, MoELayer
+from openmoe.moe import CapacityPolicy, LocalDispatcher, MoELayer
 from openmoe.moe.experts import EXPERT_BACKENDS, experts_grouped_mm
-from openmoe.moe import LocalDispatcher
 from openmoe.moe.router import Routing
 
 
