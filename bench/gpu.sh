@@ -6,8 +6,8 @@
 #
 # On a lent machine (see ../shared/gpu/README.md): fetch the missing wheels here first
 # (../shared/gpu/fetch-wheels), carry ".whl", and run `bash bench/gpu.sh`; the script installs them.
-# Every step has its own time limit, so the whole script ends within ~5.5 minutes on an H200 and
-# a step that hangs or fails costs only its own slot. Figures go to docs/benchmarks.md by hand.
+# Every step has its own time limit (525 s at most in all; the one H200 run so far, without the last
+# two steps and the train.py test, took 286 s), so a step that hangs or fails costs only its own slot. Figures go to docs/benchmarks.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG=${1:-${OUT:-.}/gpu.log}
