@@ -9,14 +9,14 @@ import torch
 
 from openmoe.utils.hardware import cpu_info, default_dtype
 
-# Allocate, touch and free a 64 MiB buffer eight times; the minor page faults of each round. Run in
+# Allocate, touch and free a 64 MiB buffer twelve times; the minor page faults of each round. Run in
 # a fresh interpreter: the allocator setting is process-wide.
 _PROBE = textwrap.dedent("""
     import resource, sys, torch
     from openmoe.utils.hardware import retain_freed_memory
     applied = retain_freed_memory() if sys.argv[1] == "1" else False
     faults = []
-    for _ in range(8):
+    for _ in range(12):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t = torch.empty(16 * 1024 * 1024, dtype=torch.float32)
         t.fill_(1.0)
@@ -35,13 +35,14 @@ def _faults_per_round(retain: bool):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_retained_memory_is_reused_without_page_faults():
     # 64 MiB = 16384 pages of 4 KiB. glibc's default unmaps the buffer on free, so every round
-    # faults all of it in again; retained, the heap settles within a few rounds (which of the
-    # first rounds still grow it varies from run to run) and later rounds fault nothing.
+    # faults all of it in again. Retained, rounds that reuse the heap fault nothing; how many early
+    # rounds still grow or move it varies from machine to machine (CI once saw six of twelve), so
+    # the test counts the free rounds instead of asking for a fixed settling point.
     applied, faults = _faults_per_round(retain=True)
     assert applied
     _, faults_default = _faults_per_round(retain=False)
     assert min(faults_default[1:]) > 8000, faults_default  # the cost the setting removes
-    assert max(faults[-3:]) < 1000, faults  # steady state: the last rounds of 8
+    assert sum(f < 1000 for f in faults[1:]) >= 2, faults  # the default has none of these
 
 
 def test_default_dtype_follows_the_cpu():
