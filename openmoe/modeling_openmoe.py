@@ -7,6 +7,7 @@ dense MLP, untied float32 logits, and id 0 as a BOS that is attended to.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -307,6 +308,10 @@ class OpenMoeModel(OpenMoePreTrainedModel):
             router_logits=tuple(m.router_logits for m in moe_outputs), moe_outputs=tuple(moe_outputs))
 
 
+# The OpenMoE chat model often spells `</s>` as text (three pieces) instead of emitting eos.
+STOP_TEXT = "</s>"
+
+
 class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
     _tied_weights_keys = {}
 
@@ -360,6 +365,31 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
             tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe]) if moe else None,
             dropped_fraction=torch.stack([m.dropped_fraction for m in moe]) if moe else None)
         return result if return_dict is not False else result.to_tuple()
+
+    def generate(self, *args, **kwargs):
+        """GenerationMixin.generate, also stopping on `</s>` spelled as text whenever a tokenizer
+        is at hand: the one passed, or the one saved in the model's folder (pipelines do not
+        pass theirs). Not in generation_config.json, where generate() would demand a tokenizer."""
+        config = kwargs.get("generation_config") or self.generation_config
+        if kwargs.get("stop_strings") is None and getattr(config, "stop_strings", None) is None:
+            tokenizer = kwargs.get("tokenizer") or self._folder_tokenizer()
+            if tokenizer is not None:
+                kwargs.update(stop_strings=[STOP_TEXT], tokenizer=tokenizer)
+        return super().generate(*args, **kwargs)
+
+    def _folder_tokenizer(self):
+        """The tokenizer saved beside the weights, loaded once; None where there is none."""
+        if "_folder_tok" not in self.__dict__:
+            path, tok = str(getattr(self.config, "_name_or_path", "") or ""), None
+            if os.path.isdir(path) and any(f.startswith("tokenizer") for f in os.listdir(path)):
+                from transformers import AutoTokenizer
+
+                try:
+                    tok = AutoTokenizer.from_pretrained(path)
+                except (OSError, ValueError):  # no usable tokenizer: generate as without one
+                    tok = None
+            self.__dict__["_folder_tok"] = tok
+        return self.__dict__["_folder_tok"]
 
     def _prepare_attention_mask_for_generation(self, inputs_tensor, generation_config, model_kwargs):
         """The pad id 0 is also the BOS. A 0 followed by another 0 is padding; a 0 followed by a

@@ -113,7 +113,8 @@ def test_output_folder_layout(converted):
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     gen = json.loads((out / "generation_config.json").read_text())
-    assert (gen["eos_token_id"], gen["pad_token_id"], gen["bos_token_id"], gen["stop_strings"]) == (1, 0, 0, ["</s>"])
+    assert (gen["eos_token_id"], gen["pad_token_id"], gen["bos_token_id"]) == (1, 0, 0)
+    assert "stop_strings" not in gen  # generate() would fail without a tokenizer; the model adds it
     assert not [f for f in os.listdir(out.parent) if ".tmp-" in f]
 
 
@@ -198,7 +199,7 @@ def test_tokenizer_with_chat_template(tmp_path):
     assert (tok.pad_token_id, tok.eos_token_id, len(tok)) == (0, 1, 34)
     text = tok.apply_chat_template([{"role": "system", "content": "be kind"}, {"role": "user", "content": "hi"}],
                                    tokenize=False)
-    assert text == "<<SYS>>\nbe kind\n<</SYS>>\n\n<s>[INST] hi [/INST]"
+    assert text == "<pad><<SYS>>\nbe kind\n<</SYS>>\n\n<s>[INST] hi [/INST]"
     assert tok.decode(tok("the cat", add_special_tokens=False)["input_ids"]) == "the cat"
 
 

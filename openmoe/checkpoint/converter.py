@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,38 +84,36 @@ def blocks(t: torch.Tensor, op: str, dtype: torch.dtype) -> Iterator[torch.Tenso
         yield src[r:r + step].to(dtype).contiguous()  # (.to alone keeps a transposed view)
 
 
-def load_tokenizer(spm_file: str, vocab_size: int, extra_ids: int = UMT5_EXTRA_IDS):
-    """The umT5 sentencepiece model as a fast T5Tokenizer with OpenMoE's chat template."""
-    from transformers import T5Tokenizer
-
+def load_tokenizer(spm_file: str, vocab_size: int, extra_ids: int = UMT5_EXTRA_IDS,
+                   max_positions: int | None = None):
+    """The umT5 sentencepiece model as an exact fast tokenizer (data/spm.py) with OpenMoE's chat
+    template: ids equal sentencepiece's own, BOS 0 added, no eos appended."""
+    from ..data.spm import fast_tokenizer
     from ..generation.chat import CHAT_TEMPLATE
 
     src = Path(spm_file)
     if not src.is_file():
         raise CheckpointError(f"--tokenizer {spm_file}: no such file")
-    with tempfile.TemporaryDirectory() as tmp:
-        shutil.copy(src, Path(tmp) / "spiece.model")  # the file name T5Tokenizer looks for
-        try:
-            tok = T5Tokenizer.from_pretrained(tmp, extra_ids=extra_ids)
-        except Exception as e:  # noqa: BLE001  (any failure to parse is bad input)
-            raise CheckpointError(f"--tokenizer {spm_file}: not a usable sentencepiece model "
-                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    try:
+        tok = fast_tokenizer(src, extra_ids=extra_ids, chat_template=CHAT_TEMPLATE, model_max_length=max_positions)
+    except Exception as e:  # noqa: BLE001  (any failure to parse is bad input)
+        raise CheckpointError(f"--tokenizer {spm_file}: not a usable sentencepiece model "
+                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     if (tok.pad_token_id, tok.eos_token_id) != (0, 1):
         raise CheckpointError(f"--tokenizer {spm_file}: pad/eos ids are {tok.pad_token_id}/{tok.eos_token_id}, "
                               f"OpenMoE's umT5 tokenizer has 0/1")
     if len(tok) > vocab_size:
         raise CheckpointError(f"--tokenizer {spm_file}: {len(tok)} tokens do not fit the model's "
                               f"vocab_size {vocab_size}")
-    tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
 def write_metadata(folder: Path, cfg: OpenMoeConfig, dtype: torch.dtype) -> None:
     """config.json (with auto_map and the modeling code beside it, as save_pretrained does)
-    and generation_config.json: eos, pad, and `</s>` spelled as text as a stop string."""
+    and generation_config.json: bos, eos, pad. (No stop_strings there: generate() would demand a
+    tokenizer; OpenMoeForCausalLM.generate adds the `</s>` stop string when it has one.)"""
     from transformers import GenerationConfig
 
-    from ..generation.chat import STOP_TEXT
     from ..remote_code import AUTO_MAP, write_remote_code
 
     cfg = copy.deepcopy(cfg)  # the caller's config object stays as it was
@@ -126,7 +122,7 @@ def write_metadata(folder: Path, cfg: OpenMoeConfig, dtype: torch.dtype) -> None
     cfg.dtype = dtype
     cfg.save_pretrained(folder)
     GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
-                     pad_token_id=cfg.pad_token_id, stop_strings=[STOP_TEXT]).save_pretrained(folder)
+                     pad_token_id=cfg.pad_token_id).save_pretrained(folder)
     write_remote_code(folder)
 
 
@@ -148,7 +144,7 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
     with T5XCheckpoint(checkpoint) as ckpt:
         cfg, how = resolve_config(ckpt, config, head_dim)
         items = plan(ckpt, cfg, out_dtype)
-        tok = load_tokenizer(tokenizer, cfg.vocab_size, tokenizer_extra_ids) if tokenizer else None
+        tok = load_tokenizer(tokenizer, cfg.vocab_size, tokenizer_extra_ids, cfg.max_position_embeddings) if tokenizer else None
         shards = plan_shards([it.spec for it in items], shard_bytes)
         log(f"{ckpt.file}: {len(items)} parameters, config {how}; writing {len(shards)} shard(s) of "
             f"{dtype} to {output}")

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import os
 
+from .spm import fast_tokenizer
+
 
 class TextTokenizer:
-    """encode(text) -> ids without specials; `hf` is an HF tokenizer to save with the model."""
+    """encode(text) -> ids without specials; `hf` is an HF tokenizer to save with the model (for a
+    `.model` file, the exact fast tokenizer of `spm.py`)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -19,8 +22,12 @@ class TextTokenizer:
                 raise ValueError(f"tokenizer: no such sentencepiece model {path}")
             import sentencepiece as spm
 
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-            self.hf = hf_from_sentencepiece(self.sp)
+            try:
+                self.sp = spm.SentencePieceProcessor(model_file=path)
+                self.hf = fast_tokenizer(self.sp)
+            except (OSError, RuntimeError, ValueError) as e:  # a file that is not a usable model
+                raise ValueError(f"tokenizer {path}: not a usable sentencepiece model "
+                                 f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
         else:
             self.sp = None
             from transformers import AutoTokenizer
@@ -36,25 +43,8 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         if self.sp is not None:
             return self.sp.encode(text)
-        return self.hf(text, add_special_tokens=False)["input_ids"]
-
-
-def hf_from_sentencepiece(sp):
-    """A fast HF tokenizer with the same pieces and scores as a unigram spm model trained with
-    identity normalisation (as train_sentencepiece does), for saving beside the model so
-    AutoTokenizer works. (transformers 5's T5Tokenizer splits on whitespace, which would lose
-    newlines and indentation in code.)"""
-    from tokenizers import Tokenizer, decoders, models, normalizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tok = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    pad, eos, unk = (sp.id_to_piece(i) for i in (sp.pad_id(), sp.eos_id(), sp.unk_id()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token=pad, eos_token=eos, unk_token=unk,
-                                   padding_side="left")
+        # Text is text: a `</s>` inside a document is spelled, not read as eos (as sentencepiece does).
+        return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 
 def train_sentencepiece(texts, prefix: str, vocab_size: int) -> str:

@@ -3,17 +3,21 @@
 Chat prompt: `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n<s>[INST] {query} [/INST]`, where `<s>` is plain
 text for the umT5 tokenizer. Later turns follow Llama-2: ` {answer}</s><s>[INST] {query} [/INST]`.
 The chat model often spells `</s>` as text instead of emitting eos: generation stops on both.
-Every sequence starts with id 0 (pad doubles as BOS), which the umT5 tokenizer does not add.
+Every sequence starts with id 0 (pad doubles as BOS): the tokenizers we write add it to plain
+text (post-processor) and the template writes it for chats (`bos_token`), see data/spm.py.
 """
 
 from __future__ import annotations
 
 import torch
 
-STOP_TEXT = "</s>"
+from ..modeling_openmoe import STOP_TEXT  # noqa: F401  (re-exported: the stop string lives with generate)
 
 CHAT_TEMPLATE = (
     # Literal text lives inside {{ }} so the whitespace control of the tags cannot eat it.
+    # The BOS (id 0, `<pad>`) is written by the template, since apply_chat_template tokenizes
+    # without the post-processor that adds it to plain text.
+    "{%- if bos_token -%}{{ bos_token }}{%- endif -%}"
     "{%- set msgs = messages -%}"
     "{%- if msgs and msgs[0]['role'] == 'system' -%}"
     "{{ '<<SYS>>\\n' + msgs[0]['content'] + '\\n<</SYS>>\\n\\n' }}"
@@ -36,12 +40,14 @@ def ensure_chat_template(tokenizer) -> None:
 
 def encode_prompts(tokenizer, texts: list[str], bos_id: int = 0, max_positions: int | None = None,
                    max_new_tokens: int = 0) -> dict[str, torch.Tensor]:
-    """Tokenise without the tokenizer's own specials (umT5 would append eos), start each with
-    the BOS id 0, and left-pad into a batch with an explicit attention mask."""
+    """Tokenise as `tok(text)` does for our tokenizers (BOS 0, no eos) for any tokenizer: without
+    its own specials, then BOS 0 unless the text (a chat template's) already starts with it;
+    left-pad into a batch with an explicit attention mask."""
     rows = []
     for i, text in enumerate(texts):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        ids = [bos_id] + ids
+        if not ids or ids[0] != bos_id:
+            ids = [bos_id] + ids
         if max_positions is not None and len(ids) + max_new_tokens > max_positions:
             raise ValueError(f"prompt {i} is {len(ids)} tokens; with --max-new-tokens {max_new_tokens} it "
                              f"exceeds the model's {max_positions} positions")

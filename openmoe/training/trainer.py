@@ -21,6 +21,7 @@ from tqdm import tqdm
 import torch.distributed as dist
 
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
+from ..generation.chat import ensure_chat_template
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
 from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
@@ -79,6 +80,7 @@ class Trainer:
             self.tokenizer = TextTokenizer(tok_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        ensure_chat_template(self.tokenizer.hf)  # every exported folder can apply_chat_template
         if cfg.fsdp > 1:
             from ..parallel.fsdp import check_shard_size
 
