@@ -7,6 +7,7 @@ dense MLP, untied float32 logits, and id 0 as a BOS that is attended to.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -130,7 +131,7 @@ class OpenMoeAttention(nn.Module):
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
-            k, v = cache.update(k, v, self.layer_idx)
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)  # paged caches read kwargs
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward)
         out, weights = attention_interface(
@@ -273,15 +274,16 @@ class OpenMoeModel(OpenMoePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         B, S = inputs_embeds.shape[:2]
-        past = cache.get_seq_length() if cache is not None else 0
         # HF's mask builder reads given position ids for packed documents (restarts), which costs
         # a host sync outside torch.compile; positions we make ourselves are never packed.
+        # Caches that place tokens themselves (paged attention) come with position ids.
         packed_positions = position_ids
         if position_ids is None:
+            past = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(past, past + S, device=inputs_embeds.device).unsqueeze(0).expand(B, S)
-        if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + S:
-            raise ValueError(f"attention_mask has length {attention_mask.shape[1]}, expected "
-                             f"past ({past}) + new ({S}) tokens = {past + S}")
+            if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] != past + S:
+                raise ValueError(f"attention_mask has length {attention_mask.shape[1]}, expected "
+                                 f"past ({past}) + new ({S}) tokens = {past + S}")
         causal_mask = create_causal_mask(config=self.config, inputs_embeds=inputs_embeds,
                                          attention_mask=attention_mask, cache=cache,
                                          position_ids=packed_positions)
@@ -370,11 +372,16 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
         """GenerationMixin.generate, also stopping on `</s>` spelled as text whenever a tokenizer
         is at hand: the one passed, or the one saved in the model's folder (pipelines do not
         pass theirs). Not in generation_config.json, where generate() would demand a tokenizer."""
-        config = kwargs.get("generation_config") or self.generation_config
-        if kwargs.get("stop_strings") is None and getattr(config, "stop_strings", None) is None:
+        given = kwargs.get("generation_config")
+        if kwargs.get("stop_strings") is None and getattr(given or self.generation_config, "stop_strings", None) is None:
             tokenizer = kwargs.get("tokenizer") or self._folder_tokenizer()
             if tokenizer is not None:
-                kwargs.update(stop_strings=[STOP_TEXT], tokenizer=tokenizer)
+                kwargs["tokenizer"] = tokenizer
+                if given is not None:  # HF wants the stop strings inside a config it is given
+                    kwargs["generation_config"] = given = copy.deepcopy(given)
+                    given.stop_strings = [STOP_TEXT]
+                else:
+                    kwargs["stop_strings"] = [STOP_TEXT]
         return super().generate(*args, **kwargs)
 
     def _folder_tokenizer(self):

@@ -12,7 +12,10 @@ eos and appends eos to every input. Here the normalizer follows the model's own
 sees the same string sentencepiece's does.
 
 Pieces sentencepiece never matches in text (control, unknown, unused, byte) keep their names,
-so eos/pad lookups and byte fallback work, but get a score no path through text would take.
+so eos/pad lookups and byte fallback work, but get a score no path through text would take
+unless the text's characters have no pieces at all: the unigram model prices an unknown character
+below its lowest piece, so `</s>` in text spells as text only where `<`, `/`, `s`, `>` are pieces.
+umT5 has a piece for every printable ASCII character; a model that lacks one is warned about.
 """
 
 from __future__ import annotations
@@ -64,6 +67,19 @@ def _decoder(spec):
     return decoders.Sequence(steps)
 
 
+def _warn_unspellable(proto) -> None:
+    """Warn where a never-matched piece's name could be read from text as that piece (above)."""
+    import warnings
+
+    chars = {p.piece for p in proto.pieces if p.type == proto.SentencePiece.NORMAL and len(p.piece) == 1}
+    hidden = (proto.SentencePiece.CONTROL, proto.SentencePiece.UNKNOWN, proto.SentencePiece.UNUSED)
+    missing = sorted({c for p in proto.pieces if p.type in hidden for c in p.piece if c not in chars})
+    if missing:
+        warnings.warn(f"sentencepiece model has no piece for {''.join(missing)!r}: text spelling a "
+                      f"special piece's name with them tokenises as that piece, not as sentencepiece "
+                      f"spells it", stacklevel=3)
+
+
 def fast_tokenizer(model, *, extra_ids: int = 0, chat_template: str | None = None,
                    model_max_length: int | None = None):
     """An HF `PreTrainedTokenizerFast` equal to the sentencepiece `model` (path or processor).
@@ -94,6 +110,7 @@ def fast_tokenizer(model, *, extra_ids: int = 0, chat_template: str | None = Non
                     if p.type == proto.SentencePiece.USER_DEFINED])
 
     pieces = [p.piece for p in proto.pieces]
+    _warn_unspellable(proto)
     bos = pieces[_BOS_ID]
     tok.post_processor = processors.TemplateProcessing(
         single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, _BOS_ID)])

@@ -58,6 +58,9 @@ def train_sentencepiece(texts, prefix: str, vocab_size: int) -> str:
         normalization_rule_name="identity", remove_extra_whitespaces=False, split_by_whitespace=True,
         allow_whitespace_only_pieces=True,  # indentation runs become single pieces
         pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", character_coverage=0.9995,
+        # the special pieces' characters always have pieces, so `</s>` written in text spells as
+        # text in the fast tokenizer too, as in sentencepiece (data/spm.py)
+        required_chars="".join(sorted(set("<pad></s><unk>"))),
         byte_fallback=True, hard_vocab_limit=False, num_threads=2, minloglevel=2,
         max_sentence_length=16384, train_extremely_large_corpus=False)
     return prefix + ".model"
