@@ -1,6 +1,9 @@
 """Write the modeling code beside saved weights, so a folder loads with trust_remote_code=True
 in an interpreter that never imported openmoe (the hub convention, via `auto_map`).
 
+Two bundles: "openmoe" (OpenMoE folders) and "upcycled" (sparse-upcycled HF models, see
+modeling_upcycled.py), each only the modules its folder imports.
+
 HF's dynamic-module loader only follows same-level relative imports (`from .x import y`), so the
 `moe/` subpackage is flattened into `moe_<name>.py` files and the imports are rewritten. The
 rewrite is checked by a test that loads a saved folder in a fresh interpreter.

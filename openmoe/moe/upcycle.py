@@ -405,10 +405,17 @@ def upcycle(model: nn.Module, *, num_experts: int = 8, top_k: int = 2, every: in
 class _SavesUpcycled:
     """Mixed into the model's class by _mark_upcycled: save_pretrained also marks the folder."""
 
+    _base_class: type  # the model's own class (LlamaForCausalLM, ...)
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             _mark_folder(save_directory)
+
+    def __reduce_ex__(self, protocol):
+        # pickle names classes by module + name, and this one is made at run time: name the base
+        # class and mark the object again on load (deepcopy goes through here too)
+        return _new_marked, (self._base_class,), self.__getstate__()
 
 
 _SAVING_CLASSES: dict[type, type] = {}
@@ -423,8 +430,15 @@ def _mark_upcycled(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel) or issubclass(cls, _SavesUpcycled):
         return
     if cls not in _SAVING_CLASSES:
-        _SAVING_CLASSES[cls] = type(cls.__name__, (_SavesUpcycled, cls), {"__qualname__": cls.__qualname__})
+        _SAVING_CLASSES[cls] = type(cls.__name__, (_SavesUpcycled, cls),
+                                    {"__qualname__": cls.__qualname__, "_base_class": cls})
     model.__class__ = _SAVING_CLASSES[cls]
+
+
+def _new_marked(cls: type) -> nn.Module:
+    model = cls.__new__(cls)
+    _mark_upcycled(model)
+    return model
 
 
 def _mark_folder(save_directory: str | os.PathLike) -> None:
