@@ -408,6 +408,9 @@ class _SavesUpcycled:
     _base_class: type  # the model's own class (LlamaForCausalLM, ...)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
+        if kwargs.get("push_to_hub"):  # transformers would upload before the folder is marked
+            raise ValueError("upcycled models: save_pretrained(push_to_hub=True) is not supported; "
+                             "use model.push_to_hub(repo_id), which saves through save_pretrained")
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             _mark_folder(save_directory)

@@ -401,3 +401,12 @@ def test_upcycled_models_pickle_and_still_save_their_code(tmp_path):
         torch.testing.assert_close(_logits(other, ids), _logits(model, ids), rtol=0, atol=0)
     other.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == UPCYCLED_MODEL_TYPE
+
+
+def test_save_pretrained_push_to_hub_refused(tmp_path):
+    """transformers uploads inside save_pretrained, before the folder is marked: refused up front
+    (nothing written, nothing uploaded); model.push_to_hub saves through save_pretrained."""
+    model = upcycle(_llama(), num_experts=2)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "m", push_to_hub=True)
+    assert not (tmp_path / "m").exists()
