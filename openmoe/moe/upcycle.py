@@ -549,8 +549,9 @@ def load_upcycled(path: str | os.PathLike, *, config=None, **from_pretrained_kwa
     upcycle spec in config.openmoe_upcycle is applied without copying, and the safetensors weights
     (one file or sharded with an index) are loaded. Keyword arguments: dtype / torch_dtype
     (default: the saved dtype), device / device_map (a single device), attn_implementation,
-    revision / token / cache_dir / local_files_only (Hub); the rest override config fields, as in from_pretrained. `config`: the
-    folder's config already read (the remote code's UpcycledConfig). Returns the model in eval mode.
+    revision / token / cache_dir / local_files_only (Hub); the rest override config fields, as
+    in from_pretrained. `config`: the folder's config already read (the remote code's
+    UpcycledConfig, with from_pretrained's overrides applied). Returns the model in eval mode.
     """
     from transformers import AutoModelForCausalLM, GenerationConfig
 
