@@ -7,6 +7,13 @@ a mixture of experts whose experts all start as copies of the dense MLP.
     loss = out.loss + moe_loss(model)                     # + weighted aux / z losses of all MoE layers
     model.save_pretrained("moe-ckpt")                     # the spec travels in config.json
     model = load_upcycled("moe-ckpt")                     # dense arch from config + upcycle + weights
+    model = AutoModelForCausalLM.from_pretrained("moe-ckpt", trust_remote_code=True)  # the same
+
+Saved folders carry their loading code (../modeling_upcycled.py, bundled by ../remote_code.py)
+and config.json says model_type "openmoe_upcycled", so transformers refuses to load them without
+trust_remote_code=True rather than building the dense model with random MLPs. The base
+architecture must be one transformers knows (built in, or registered with AutoConfig /
+AutoModelForCausalLM in the loading process); loading refuses otherwise.
 
 Supported MLPs (found as `layer.mlp` in the decoder's ModuleList, e.g. model.model.layers or
 model.transformer.h):
@@ -60,9 +67,12 @@ from .router import CapacityPolicy
 
 CONFIG_KEY = "openmoe_upcycle"  # config attribute (and config.json field) holding the spec
 SPEC_VERSION = 1
+# config.json's model_type in saved folders: unknown to transformers, so only the folder's remote
+# code (auto_map) loads it; the base model_type is spec["base_model_type"].
+UPCYCLED_MODEL_TYPE = "openmoe_upcycled"
 
 __all__ = ["upcycle", "load_upcycled", "moe_loss", "moe_outputs", "UpcycledMoE", "GatedExperts",
-           "CONFIG_KEY"]
+           "CONFIG_KEY", "UPCYCLED_MODEL_TYPE"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,20 +387,88 @@ def upcycle(model: nn.Module, *, num_experts: int = 8, top_k: int = 2, every: in
         "z_loss": float(z_loss),
         "norm_topk_prob": bool(norm_topk_prob),
         "experts_implementation": experts_implementation,
+        "base_model_type": getattr(config, "model_type", None),
     }
     json.dumps(spec)  # fail here, not in save_pretrained, if something is not serializable
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
     _apply(model, spec, (router_init_std, gen))
     if config is not None:
         setattr(config, CONFIG_KEY, spec)
+    _mark_upcycled(model)
     return model
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving: config.json marked upcycled, the loading code beside the weights
+
+
+class _SavesUpcycled:
+    """Mixed into the model's class by _mark_upcycled: save_pretrained also marks the folder."""
+
+    _base_class: type  # the model's own class (LlamaForCausalLM, ...)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if kwargs.get("push_to_hub"):  # transformers would upload before the folder is marked
+            raise ValueError("upcycled models: save_pretrained(push_to_hub=True) is not supported; "
+                             "use model.push_to_hub(repo_id), which saves through save_pretrained")
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            _mark_folder(save_directory)
+
+    def __reduce_ex__(self, protocol):
+        # pickle names classes by module + name, and this one is made at run time: name the base
+        # class and mark the object again on load (deepcopy goes through here too)
+        return _new_marked, (self._base_class,), self.__getstate__()
+
+
+_SAVING_CLASSES: dict[type, type] = {}
+
+
+def _mark_upcycled(model: nn.Module) -> None:
+    """Swap the model's class for a subclass whose save_pretrained marks the folder. The subclass
+    keeps the base class's name: save_pretrained writes it to config.json's `architectures`."""
+    from transformers import PreTrainedModel
+
+    cls = type(model)
+    if not isinstance(model, PreTrainedModel) or issubclass(cls, _SavesUpcycled):
+        return
+    if cls not in _SAVING_CLASSES:
+        _SAVING_CLASSES[cls] = type(cls.__name__, (_SavesUpcycled, cls),
+                                    {"__qualname__": cls.__qualname__, "_base_class": cls})
+    model.__class__ = _SAVING_CLASSES[cls]
+
+
+def _new_marked(cls: type) -> nn.Module:
+    model = cls.__new__(cls)
+    _mark_upcycled(model)
+    return model
+
+
+def _mark_folder(save_directory: str | os.PathLike) -> None:
+    """config.json: model_type -> UPCYCLED_MODEL_TYPE and auto_map -> the bundled loader, which is
+    written beside it. Without this the folder would load as the dense base model."""
+    from ..remote_code import UPCYCLED_AUTO_MAP, write_remote_code
+
+    path = os.path.join(save_directory, "config.json")
+    with open(path) as f:
+        config = json.load(f)
+    config["model_type"] = UPCYCLED_MODEL_TYPE
+    config["auto_map"] = dict(UPCYCLED_AUTO_MAP)
+    write_remote_code(save_directory, "upcycled")
+    tmp = path + ".tmp"  # temp + rename: never a half-written config.json
+    with open(tmp, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading
 
 
-_MODEL_KWARGS = ("attn_implementation", "trust_remote_code")
+_MODEL_KWARGS = ("attn_implementation",)
+# from_pretrained arguments with nothing to do here (AutoModelForCausalLM passes some of them to
+# the remote code's from_pretrained): the base architecture is a known one, never remote code.
+_IGNORED_KWARGS = ("trust_remote_code", "code_revision", "adapter_kwargs", "_from_auto", "_from_pipeline")
 _HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only")
 
 
@@ -441,17 +519,41 @@ def _load_weights(model: nn.Module, files: list[str]) -> None:
         raise ValueError(f"keys missing from the checkpoint: {missing}")
 
 
-def load_upcycled(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Module:
+def _base_config(config_dict: dict, path, overrides: dict):
+    """The base architecture's config (LlamaConfig, ...) and the spec, from a config.json dict:
+    a marked folder's, or an older folder's that kept the base model_type."""
+    from transformers import CONFIG_MAPPING
+
+    spec = config_dict.get(CONFIG_KEY)
+    if not isinstance(spec, dict):
+        raise ValueError(f"{path}: config.json has no {CONFIG_KEY}; not an upcycled checkpoint "
+                         "(load it with AutoModelForCausalLM.from_pretrained)")
+    if spec.get("version") != SPEC_VERSION:
+        raise ValueError(f"{path}: {CONFIG_KEY} version {spec.get('version')!r}, expected {SPEC_VERSION}")
+    model_type = config_dict.get("model_type")
+    base_type = spec.get("base_model_type") if model_type == UPCYCLED_MODEL_TYPE else model_type
+    if base_type not in CONFIG_MAPPING:
+        raise ValueError(f"{path}: the upcycled model's base architecture {base_type!r} is not known to "
+                         "this transformers (not built in, and not registered with AutoConfig / "
+                         "AutoModelForCausalLM in this process), so it cannot be rebuilt; register "
+                         "it, then load with openmoe.moe.upcycle.load_upcycled")
+    fields = {k: v for k, v in config_dict.items() if k not in ("model_type", "auto_map")}
+    fields[CONFIG_KEY] = {**spec, "base_model_type": base_type}  # older specs lack it
+    return CONFIG_MAPPING[base_type].from_dict(fields, **overrides), fields[CONFIG_KEY]
+
+
+def load_upcycled(path: str | os.PathLike, *, config=None, **from_pretrained_kwargs) -> nn.Module:
     """Load a folder written by save_pretrained of an upcycled model (or a Hub repo of one).
 
     The dense architecture is built from config.json (AutoModelForCausalLM.from_config), the
     upcycle spec in config.openmoe_upcycle is applied without copying, and the safetensors weights
     (one file or sharded with an index) are loaded. Keyword arguments: dtype / torch_dtype
     (default: the saved dtype), device / device_map (a single device), attn_implementation,
-    trust_remote_code, revision / token / cache_dir / local_files_only (Hub); the rest override
-    config fields, as in from_pretrained. Returns the model in eval mode.
+    revision / token / cache_dir / local_files_only (Hub); the rest override config fields, as
+    in from_pretrained. `config`: the folder's config already read (the remote code's
+    UpcycledConfig, with from_pretrained's overrides applied). Returns the model in eval mode.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     kw = dict(from_pretrained_kwargs)
     dtype, torch_dtype = kw.pop("dtype", None), kw.pop("torch_dtype", None)
@@ -462,15 +564,16 @@ def load_upcycled(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Modul
         raise ValueError(f"device_map={device!r}: load_upcycled takes a single device")
     hub = {k: kw.pop(k) for k in _HUB_KWARGS if k in kw}
     model_kw = {k: kw.pop(k) for k in _MODEL_KWARGS if k in kw}
+    for k in _IGNORED_KWARGS:
+        kw.pop(k, None)
     folder = _local_folder(path, hub)
 
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=model_kw.get("trust_remote_code"), **kw)
-    spec = getattr(config, CONFIG_KEY, None)
-    if not isinstance(spec, dict):
-        raise ValueError(f"{path}: config.json has no {CONFIG_KEY}; not an upcycled checkpoint "
-                         "(load it with AutoModelForCausalLM.from_pretrained)")
-    if spec.get("version") != SPEC_VERSION:
-        raise ValueError(f"{path}: {CONFIG_KEY} version {spec.get('version')!r}, expected {SPEC_VERSION}")
+    if config is None:
+        with open(os.path.join(folder, "config.json")) as f:
+            config_dict = json.load(f)
+    else:
+        config_dict = config.to_dict()
+    config, spec = _base_config(config_dict, path, kw)
     if dtype is not None and dtype != "auto":
         model_kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
@@ -481,4 +584,17 @@ def load_upcycled(path: str | os.PathLike, **from_pretrained_kwargs) -> nn.Modul
         model.generation_config = GenerationConfig.from_pretrained(folder)
     if device is not None:
         model.to(device)
+    _mark_upcycled(model)
     return model.eval()
+
+
+def model_from_config(config, **kwargs) -> nn.Module:
+    """A randomly initialized upcycled model from a marked config (the remote code's from_config):
+    the base model from its config, upcycled with the saved spec (router init std 0.02)."""
+    from transformers import AutoModelForCausalLM
+
+    base, spec = _base_config(config.to_dict(), "config", {})
+    model = AutoModelForCausalLM.from_config(base, **kwargs)
+    _apply(model, spec, (0.02, None))
+    _mark_upcycled(model)
+    return model

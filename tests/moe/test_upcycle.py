@@ -4,19 +4,23 @@ save / load round trip, validation."""
 import copy
 import json
 import os
+import pickle
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, MistralConfig, MistralForCausalLM, PhiConfig, PhiForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 from transformers.activations import ACT2FN
 
 from openmoe.moe import CapacityPolicy
-from openmoe.moe.upcycle import (CONFIG_KEY, GatedExperts, UpcycledMoE, load_upcycled, moe_loss,
-                                 moe_outputs, upcycle)
+from openmoe.moe.upcycle import (CONFIG_KEY, UPCYCLED_MODEL_TYPE, GatedExperts, UpcycledMoE,
+                                 load_upcycled, moe_loss, moe_outputs, upcycle)
 
 V = 64
 _SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -287,3 +291,122 @@ def test_load_rejects_bad_checkpoints(tmp_path):
     save_file({**weights, "model.layers.1.mlp.extra": torch.zeros(1)}, path, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="unknown keys.*model.layers.1.mlp.extra"):
         load_upcycled(tmp_path / "moe")
+
+
+# --------------------------------------------------------------------------------------------
+# Remote code: AutoModelForCausalLM loads the folder, and never silently as the dense model
+
+
+def _trained_and_saved(name, folder):
+    """An upcycled model whose experts differ (a reload with fresh copies of the dense MLP would
+    not match), saved to `folder`."""
+    model = upcycle(_dense(name), num_experts=4, top_k=2, every=2, capacity="t5x", noise="jitter")
+    _train_step(model, _ids(4, 8), torch.optim.AdamW(model.parameters(), lr=1e-2))
+    model.save_pretrained(folder)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_trust_remote_code_reload_in_fresh_interpreter(tmp_path, name):
+    """save_pretrained -> AutoModelForCausalLM.from_pretrained(trust_remote_code=True) in an
+    interpreter that never imports openmoe: the bundled code alone rebuilds the MoE model, with
+    the same logits; a model loaded so saves its code again, and from_config works too."""
+    model = _trained_and_saved(name, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["model_type"] == UPCYCLED_MODEL_TYPE
+    assert config[CONFIG_KEY]["base_model_type"] == model.config.model_type
+    assert config["architectures"] == [type(model).__name__]  # the base class's name, e.g. LlamaForCausalLM
+    assert (tmp_path / "model" / "modeling_upcycled.py").exists()
+    ids = _ids(2, 6)
+    torch.save({"ids": ids, "logits": _logits(model, ids)}, tmp_path / "expect.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+        folder, again = {str(tmp_path / "model")!r}, {str(tmp_path / "again")!r}
+        e = torch.load({str(tmp_path / "expect.pt")!r})
+        m = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        assert not any(k == "openmoe" or k.startswith("openmoe.") for k in sys.modules), "openmoe imported"
+        assert not m.training and type(m).__name__ == {type(model).__name__!r}
+        assert sum(type(x).__name__ == "UpcycledMoE" for x in m.modules()) == 1
+        with torch.no_grad():
+            assert torch.equal(m(e["ids"]).logits, e["logits"])
+        if {name!r} == "gpt2":
+            assert m.lm_head.weight is m.transformer.wte.weight
+        m.save_pretrained(again)  # saved from the bundle: the code travels again
+        m2 = AutoModelForCausalLM.from_pretrained(again, trust_remote_code=True)
+        with torch.no_grad():
+            assert torch.equal(m2(e["ids"]).logits, e["logits"])
+        cfg = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+        fresh = AutoModelForCausalLM.from_config(cfg, trust_remote_code=True)
+        assert sum(type(x).__name__ == "UpcycledMoE" for x in fresh.modules()) == 1
+        print("OK", type(m).__module__)
+    """)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
+                       text=True, stdin=subprocess.DEVNULL, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "OK transformers_modules" in r.stdout
+    assert (tmp_path / "again" / "moe_upcycle.py").exists()
+
+
+def test_plain_auto_load_asks_for_trust_remote_code(tmp_path):
+    """Without trust_remote_code, transformers itself refuses: config.json's model_type
+    (openmoe_upcycled) is none of its own and auto_map names the folder's code, so it asks for
+    trust_remote_code=True instead of building the dense model with random MLPs."""
+    _trained_and_saved("llama", tmp_path)
+    for trust in (None, False):
+        kw = {} if trust is None else {"trust_remote_code": trust}
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            AutoModelForCausalLM.from_pretrained(tmp_path, **kw)
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            AutoConfig.from_pretrained(tmp_path, **kw)
+
+
+def test_load_refuses_an_unknown_base_architecture(tmp_path):
+    """The folder's code can rebuild only an architecture transformers knows; it says so (the
+    remote code calls the same load_upcycled)."""
+    _trained_and_saved("llama", tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config[CONFIG_KEY]["base_model_type"] = "no_such_arch"
+    path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="base architecture 'no_such_arch' is not known"):
+        load_upcycled(tmp_path)
+
+
+def test_load_upcycled_reads_older_folders(tmp_path):
+    """Folders saved before they were marked keep the base model_type and no base_model_type."""
+    model = _trained_and_saved("gpt2", tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config["model_type"] = config[CONFIG_KEY].pop("base_model_type")
+    del config["auto_map"]
+    path.write_text(json.dumps(config))
+    ids = _ids()
+    loaded = load_upcycled(tmp_path)
+    torch.testing.assert_close(_logits(loaded, ids), _logits(model, ids), rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")  # saved again: marked, with the base type in the spec
+    config = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config["model_type"] == UPCYCLED_MODEL_TYPE and config[CONFIG_KEY]["base_model_type"] == "gpt2"
+
+
+def test_upcycled_models_pickle_and_still_save_their_code(tmp_path):
+    """upcycle swaps in a subclass (made at run time) whose save_pretrained marks the folder:
+    pickle and deepcopy must keep working and keep the mark."""
+    model = upcycle(_dense("gpt2"), num_experts=2).eval()
+    ids = _ids()
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert type(other) is type(model) and isinstance(other, GPT2LMHeadModel)
+        assert other.lm_head.weight is other.transformer.wte.weight
+        torch.testing.assert_close(_logits(other, ids), _logits(model, ids), rtol=0, atol=0)
+    other.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == UPCYCLED_MODEL_TYPE
+
+
+def test_save_pretrained_push_to_hub_refused(tmp_path):
+    """transformers uploads inside save_pretrained, before the folder is marked: refused up front
+    (nothing written, nothing uploaded); model.push_to_hub saves through save_pretrained."""
+    model = upcycle(_llama(), num_experts=2)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        model.save_pretrained(tmp_path / "m", push_to_hub=True)
+    assert not (tmp_path / "m").exists()
