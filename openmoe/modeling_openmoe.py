@@ -206,9 +206,9 @@ class OpenMoePreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = False
     _supports_attention_backend = True
-    # The forward compiles with fullgraph=True (tests/test_compile.py); generate's automatic
-    # compile with a static cache has not been checked yet, so it stays off.
-    _can_compile_fullgraph = False
+    # The forward compiles with fullgraph=True (tests/test_compile.py), and so does the decode
+    # step generate compiles with a static cache (tests/test_decode.py).
+    _can_compile_fullgraph = True
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
 
     def _init_weights(self, module):
