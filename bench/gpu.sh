@@ -6,7 +6,7 @@
 #
 # On a lent machine (see ../shared/gpu/README.md): fetch the missing wheels here first
 # (../shared/gpu/fetch-wheels), carry ".whl", and run `bash bench/gpu.sh`; the script installs them.
-# Every step has its own time limit (525 s at most in all; the one H200 run so far, without the last
+# Every step has its own time limit (645 s at most in all: pick steps with ONLY= to fit a budget; the one H200 run so far, without the last
 # two steps and the train.py test, took 286 s), so a step that hangs or fails costs only its own slot. Figures go to docs/benchmarks.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +47,9 @@ step train-step-8b 95 $PY bench/train_step.py --preset 8b --policies t5x --compi
 # training step at base widths (the first GPU run's 22% MFU), eager and compiled
 step train-step-base 60 $PY bench/train_step.py --preset base --seq 2048 --batch 8 --policies t5x --compile \
   --no-mixtral --iters 3 --max-seconds 50
+# decode: eager vs static cache vs compiled step (CUDA graphs), batch 1 and 8, first call vs steady
+step decode 120 $PY bench/decode.py --device cuda --configs base,8b --modes eager,compiled --batches 1,8 \
+  --new-tokens 32 --no-mixtral
 # LoRA fine-tuning step at 8B widths (docs/finetune-8b.md)
 step finetune-8b 45 $PY bench/finetune.py --gpu-8b
 echo -e "\n===== done in $(( $(date +%s) - t0 ))s =====" | tee -a "$LOG"
