@@ -3,7 +3,8 @@
     python infer.py MODEL_DIR --prompt "Once upon a time"
     python infer.py MODEL_DIR --chat --system "You are helpful." --prompt "Hi!"
     python infer.py MODEL_DIR --chat                 # interactive multi-turn (stdin a terminal)
-    python infer.py MODEL_DIR --input prompts.jsonl --output out.jsonl   # batch, left-padded
+    python infer.py MODEL_DIR --input prompts.jsonl --output out.jsonl --batch-size 8   # batches
+    python infer.py MODEL_DIR --compile --prompt "..."   # static cache + compiled decode step
     python infer.py BASE_DIR --adapter ADAPTER_DIR --prompt "..."        # with a LoRA adapter (PEFT format)
 
 Works on folders from save_pretrained, train.py, convert_jax_checkpoint.py and the published
@@ -44,11 +45,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--attn-implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     ap.add_argument("--stats", action="store_true", help="print prefill and decode tokens/s")
     ap.add_argument("--adapter", help="LoRA adapter folder (PEFT format, from train.py --peft lora) to apply")
+    ap.add_argument("--batch-size", type=int, default=8, help="prompts per generate call with --input")
+    ap.add_argument("--compile", action="store_true",
+                    help="static KV cache and the decode step compiled (fullgraph; CUDA graphs on CUDA); "
+                         "the compile is paid once, at a printed warm-up")
     args = ap.parse_args(argv)
     if args.dtype == "float16":
         ap.error("--dtype float16: OpenMoE degrades in fp16 (activations overflow); use bfloat16 or float32")
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
+    if args.batch_size < 1:
+        ap.error("--batch-size must be >= 1")
     if args.num_beams > 1 and args.stream:
         ap.error("--stream works with greedy or sampling, not beam search")
     if not Path(args.model_dir).is_dir():
@@ -103,7 +110,26 @@ def generation_kwargs(args, model, tokenizer) -> dict:
               pad_token_id=model.config.pad_token_id, stop_strings=[STOP_TEXT], tokenizer=tokenizer)
     if args.do_sample:
         kw.update(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k or None)
+    if args.compile:
+        from transformers import CompileConfig
+
+        cc = CompileConfig(fullgraph=True, mode="reduce-overhead" if model.device.type == "cuda" else "default")
+        cc._compile_all_devices = True  # generate compiles on accelerators only unless told
+        kw.update(cache_implementation="static", compile_config=cc)
     return kw
+
+
+def warm_up(args, model, tokenizer, text: str) -> float:
+    """With --compile: one short generate, so the compile is paid here, once; its seconds."""
+    import torch
+
+    from openmoe.generation import encode_prompts
+
+    enc = {k: v.to(model.device) for k, v in encode_prompts(tokenizer, [text]).items()}
+    t = time.perf_counter()
+    with torch.no_grad():
+        model.generate(**enc, **dict(generation_kwargs(args, model, tokenizer), max_new_tokens=2))
+    return time.perf_counter() - t
 
 
 def render(args, tokenizer, prompt: str | None = None, messages: list | None = None) -> str:
@@ -134,7 +160,8 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
         t = time.perf_counter()
         with torch.no_grad():
             model(**enc)
-        stats["prefill_tokens_per_s"] = enc["attention_mask"].sum().item() / (time.perf_counter() - t)
+        stats["prefill_s"] = time.perf_counter() - t
+        stats["prefill_tokens_per_s"] = enc["attention_mask"].sum().item() / stats["prefill_s"]
     t = time.perf_counter()
     if stream_to is not None:
         streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -157,7 +184,11 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
         new = gen[:, enc["input_ids"].shape[1]:]
         outs = [clean_output(tokenizer.decode(row, skip_special_tokens=True)) for row in new]
         new_tokens = int((new != model.config.pad_token_id).sum())
-    stats["decode_tokens_per_s"] = new_tokens / (time.perf_counter() - t)
+    elapsed = time.perf_counter() - t
+    if "prefill_s" in stats:  # decode alone: the measured prefill taken out
+        elapsed = max(elapsed - stats.pop("prefill_s"), 1e-9)
+    stats["decode_tokens_per_s"] = new_tokens / elapsed
+    stats["new_tokens"] = new_tokens
     return outs, stats
 
 
@@ -176,13 +207,10 @@ def main(argv=None) -> int:
                 texts.append(render(args, tokenizer, prompt=r["prompt"]))
             else:
                 raise SystemExit(f"infer.py: --input {args.input!r} line {i + 1}: no 'prompt' field")
-        outs, stats = generate(args, model, tokenizer, texts)
-        sink = open(args.output, "w") if args.output else sys.stdout
-        for r, o in zip(rows, outs):
-            sink.write(json.dumps({**r, "output": o}) + "\n")
-        if args.output:
-            sink.close()
+        stats = run_batches(args, model, tokenizer, rows, texts)
     elif args.prompt is not None:
+        if args.compile:
+            print(f"compile warm-up: {warm_up(args, model, tokenizer, args.prompt):.1f} s (once)", file=sys.stderr)
         text = render(args, tokenizer, prompt=args.prompt)
         outs, stats = generate(args, model, tokenizer, [text], stream_to=sys.stdout if args.stream else None)
         print("" if args.stream else outs[0])
@@ -193,6 +221,37 @@ def main(argv=None) -> int:
     if args.stats:
         print(" | ".join(f"{k} {v:.1f}" for k, v in stats.items()), file=sys.stderr)
     return 0
+
+
+def run_batches(args, model, tokenizer, rows: list, texts: list[str]) -> dict:
+    """--input: batches of --batch-size, each written as it finishes (to OUTPUT.partial, renamed
+    to OUTPUT at the end, so a killed run never leaves a complete-looking file), with a progress
+    bar of prompts and decode tokens/s."""
+    from tqdm import tqdm
+
+    if args.compile:
+        print(f"compile warm-up: {warm_up(args, model, tokenizer, texts[0]):.1f} s (once)", file=sys.stderr)
+    partial = f"{args.output}.partial" if args.output else None
+    sink = open(partial, "w") if partial else sys.stdout
+    bar = tqdm(total=len(texts), unit="prompt", file=sys.stderr, disable=None)
+    new_tokens, decode_s, stats = 0, 0.0, {}
+    try:
+        for i in range(0, len(texts), args.batch_size):
+            outs, stats = generate(args, model, tokenizer, texts[i:i + args.batch_size])
+            for r, o in zip(rows[i:i + args.batch_size], outs):
+                sink.write(json.dumps({**r, "output": o}) + "\n")
+            sink.flush()
+            new_tokens += stats["new_tokens"]
+            decode_s += stats["new_tokens"] / max(stats["decode_tokens_per_s"], 1e-9)
+            bar.update(len(outs))
+            bar.set_postfix(decode_tok_s=f"{new_tokens / max(decode_s, 1e-9):.1f}")
+    finally:
+        bar.close()
+        if partial:
+            sink.close()
+    if partial:
+        os.replace(partial, args.output)
+    return {**stats, "decode_tokens_per_s": new_tokens / max(decode_s, 1e-9), "new_tokens": new_tokens}
 
 
 def interactive(args, model, tokenizer) -> dict:

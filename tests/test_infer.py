@@ -165,3 +165,31 @@ def test_infer_on_train_py_export_and_colossalai_folder(tmp_path, model_dir):
     b = _args(model_dir, "--max-new-tokens", "5")
     ref_model, ref_tok = infer.load(b)
     assert infer.generate(a, model, tok, ["the cat"])[0] == infer.generate(b, ref_model, ref_tok, ["the cat"])[0]
+
+
+def test_batches_of_input_equal_one_by_one_and_leave_no_partial(model_dir, tmp_path, capsys):
+    prompts = ["the cat", "a small bird finds the", "my sister paints", "the robot"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    out = tmp_path / "o.jsonl"
+    assert infer.main([str(model_dir), "--input", str(tmp_path / "p.jsonl"), "--output", str(out),
+                       "--max-new-tokens", "4", "--batch-size", "3", "--stats"]) == 0
+    assert "decode_tokens_per_s" in capsys.readouterr().err
+    got = [json.loads(l)["output"] for l in open(out)]
+    args = _args(model_dir, "--max-new-tokens", "4")
+    model, tok = infer.load(args)
+    assert got == [infer.generate(args, model, tok, [p])[0][0] for p in prompts]
+    assert not (tmp_path / "o.jsonl.partial").exists()
+
+
+def test_compile_flag_uses_a_static_cache_and_a_fullgraph_step(model_dir, monkeypatch, capsys):
+    args = _args(model_dir, "--compile", "--max-new-tokens", "4", "--prompt", "the cat")
+    model, tok = infer.load(args)
+    kw = infer.generation_kwargs(args, model, tok)
+    assert kw["cache_implementation"] == "static" and kw["compile_config"].fullgraph is True
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: compiled.append(k) or fn)  # the path, not inductor
+    assert infer.main([str(model_dir), "--compile", "--max-new-tokens", "4", "--prompt", "the cat"]) == 0
+    out, err = capsys.readouterr()
+    assert "compile warm-up" in err and compiled and compiled[0]["fullgraph"] is True
+    eager = infer.generate(_args(model_dir, "--max-new-tokens", "4"), model, tok, ["the cat"])[0][0]
+    assert out.strip() == eager
