@@ -38,14 +38,19 @@ def _raise_interrupted(signum, frame):  # noqa: ARG001
     raise Interrupted(signum)
 
 
-def install_signal_handlers() -> None:
-    """SIGTERM and SIGINT raise Interrupted (main thread only; elsewhere a no-op)."""
+def install_signal_handlers() -> dict:
+    """SIGTERM and SIGINT raise Interrupted (main thread only; elsewhere a no-op). Returns the
+    previous handlers, for restore_signal_handlers."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
-        return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, _raise_interrupted)
+        return {}
+    return {sig: signal.signal(sig, _raise_interrupted) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def restore_signal_handlers(old: dict) -> None:
+    for sig, handler in old.items():
+        signal.signal(sig, handler)
 
 
 def describe_os_error(e: OSError) -> str:
@@ -99,8 +104,7 @@ def cli_errors(prog: str, debug: bool = False, expected: tuple = (), signals: bo
     become `prog: error: MESSAGE` and status.code 2; anything else one line too, naming its type,
     with status 1; SIGTERM/SIGINT status 128 + signal. With debug the traceback is printed too."""
     status = Status()
-    if signals:
-        install_signal_handlers()
+    old = install_signal_handlers() if signals else {}
     try:
         yield status
     except SystemExit:
@@ -126,6 +130,8 @@ def cli_errors(prog: str, debug: bool = False, expected: tuple = (), signals: bo
             status.code = 1
         else:
             raise
+    finally:
+        restore_signal_handlers(old)
 
 
 # ------------------------------------------------------------------ files
