@@ -8,6 +8,11 @@
 
 Works on folders from save_pretrained, train.py, convert_jax_checkpoint.py and the published
 ColossalAI-layout checkpoints. Stops on eos and on `</s>` spelled as text.
+
+Checks before generating: the folder's manifest.json when it has one (sha256 of every file;
+--no-verify skips), config.json, the flags, every --input line and that --output can be
+written; --output is written whole (temporary file renamed) or not at all. Errors: one line
+naming the flag, line or file, exit status 2 (--debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -74,12 +79,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.input and not Path(args.input).is_file():
         ap.error(f"--input {args.input!r}: no such file")
     if args.output:  # before loading and generating, not after
-        from openmoe.utils.cli import check_writable
+        from openmoe.utils.cli import check_writable, remove_stale_temps
 
         try:
             check_writable(args.output, "--output")
         except ValueError as e:
             ap.error(str(e))
+        remove_stale_temps(args.output)  # of a run killed with SIGKILL
     return args
 
 
@@ -128,9 +134,10 @@ def load(args):
     # OpenMoeForCausalLM also reads the ColossalAI layout (model_type "llama").
     try:
         model = OpenMoeForCausalLM.from_pretrained(args.model_dir, **kw).eval()
-    except (OSError, ValueError, RuntimeError) as e:  # truncated or corrupt weight files
+    except Exception as e:  # noqa: BLE001  (truncated or corrupt weight files: SafetensorError, pickle errors)
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{args.model_dir}: cannot load the weights ({type(e).__name__}: {msg})") from None
+        raise ValueError(f"{_bad_weight_file(args.model_dir)}: cannot load the weights ({type(e).__name__}: "
+                         f"{msg})") from None
     if args.adapter:  # LoRA through PEFT, experts on the grouped-GEMM path (openmoe/peft)
         from openmoe.peft import load_adapter
 
@@ -142,6 +149,19 @@ def load(args):
     if args.device == "cuda":
         model = model.to("cuda")
     return model, tokenizer
+
+
+def _bad_weight_file(model_dir: str) -> str:
+    """The first .safetensors file whose header does not parse (else the folder)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:  # noqa: BLE001
+            return str(f)
+    return str(model_dir)
 
 
 def generation_kwargs(args, model, tokenizer) -> dict:
