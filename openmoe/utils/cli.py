@@ -72,8 +72,11 @@ def _unwrap(e: BaseException) -> BaseException:
     BaseException) whose `failures` map rank -> WrappedException(exc, traceback)."""
     failures = getattr(e, "failures", None)
     if type(e).__name__ == "CheckpointException" and isinstance(failures, dict) and failures:
-        inner = next(iter(failures.values()))
-        return getattr(inner, "exc", inner)
+        inner = next(iter(failures.values()))  # WrappedException(exc, traceback): a named tuple
+        inner = getattr(inner, "exc", inner)
+        if isinstance(inner, tuple) and inner and isinstance(inner[0], BaseException):
+            inner = inner[0]
+        return inner if isinstance(inner, BaseException) else e
     return e
 
 

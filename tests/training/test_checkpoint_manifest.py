@@ -120,3 +120,22 @@ def test_trust_checkpoint_resumes_without_manifest(trained, tmp_path, capsys, mo
     (out / "checkpoints" / "step_00000002" / "manifest.json").unlink()
     assert train.main(args + ["--steps", "3", "--resume", "--trust-checkpoint", "--export_final", "false"]) == 0
     assert (out / "checkpoints" / "step_00000003" / "manifest.json").is_file()
+
+
+def test_disk_full_during_a_save_is_named_and_leaves_no_checkpoint(run_setup, capsys, monkeypatch):
+    import collections
+
+    from openmoe.training import checkpoint as ckpt
+
+    monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
+
+    def full(*a, **k):  # what torch.save raises when the disk fills
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4160 vs 4096")
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: collections.namedtuple("u", "total used free")(1, 1, 0))
+    assert train.main(run_setup + ["--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    ck = Path(run_setup[run_setup.index("--out_dir") + 1]) / "checkpoints"
+    assert err == f"train.py: error: {ck / '.tmp_step_00000001'}: disk full (ENOSPC)\n"
+    assert list(ck.iterdir()) == []
