@@ -265,7 +265,22 @@ def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = Non
         if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) or isinstance(inner, ValueError):
             raise
         msg = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
-        raise ValueError(f"checkpoint {path}: cannot be read ({type(inner).__name__}: {msg})") from None
+        short = _short_file(path)
+        where = f"{short}: truncated or missing" if short else f"checkpoint {path}: cannot be read"
+        raise ValueError(f"{where} ({type(inner).__name__}: {msg})") from None
+
+
+def _short_file(path: Path) -> Path | None:
+    """The DCP data file that is missing or shorter than its metadata says, if any."""
+    try:
+        md = dcp.FileSystemReader(str(path)).read_metadata()
+        for info in md.storage_data.values():
+            f = path / info.relative_path
+            if not f.is_file() or f.stat().st_size < info.offset + info.length:
+                return f
+    except Exception:  # noqa: BLE001
+        pass
+    return None
 
 
 def _load(path: Path, state: dict, model, optimizer, scheduler, ps: ParallelState) -> dict:
