@@ -3,9 +3,6 @@ a run makes before loading when `device_memory` is set."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .layout import Layout, candidate_layouts, default_world, format_size, parse_size
 from .memory import MemoryPlan, Workload, plan_memory
 

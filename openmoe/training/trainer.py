@@ -24,11 +24,11 @@ from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
 from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
+from ..utils.cli import DirLock, atomic_write_text
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
+from ..utils.manifest import verify_manifest, write_manifest
 from . import checkpoint as ckpt
 from .compile import compile_layers
-from ..utils.cli import DirLock, atomic_write_text
-from ..utils.manifest import verify_manifest, write_manifest
 from .config import ConfigError, TrainConfig, dump_config, model_config
 from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
 from .optim import build_optimizer, freeze, lr_lambda
