@@ -89,3 +89,35 @@ def test_locked_or_unwritable_out_dir_is_one_line(run_setup, capsys, monkeypatch
     assert train.main(run_setup + ["--steps", "1", "--out_dir", str(blocker / "run")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train.py: error: ") and str(blocker) in err and len(err.strip().splitlines()) == 1
+
+
+_SLOW_CONVERT = """
+import runpy, sys, time
+import openmoe.checkpoint.shards as shards
+write = shards.ShardWriter.write
+def slow(self, *a, **k):
+    print("writing", flush=True)
+    time.sleep(0.5)
+    return write(self, *a, **k)
+shards.ShardWriter.write = slow
+sys.argv = ["convert_jax_checkpoint.py", *sys.argv[1:]]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_of_a_conversion_leaves_no_temporary_folder(tmp_path):
+    sys.path.insert(0, str(ROOT / "tests" / "checkpoint"))
+    from helpers import tiny_config
+    from t5x_fixture import random_params, write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "c", random_params(tiny_config(), seed=1))
+    p = subprocess.Popen([sys.executable, "-c", _SLOW_CONVERT, str(ckpt), str(tmp_path / "out"), "--head-dim", "16",
+                          "--no-progress"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    while "writing" not in p.stdout.readline():  # the temporary folder exists and has shards in it
+        assert p.poll() is None, p.stderr.read()
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 128 + signal.SIGTERM and "Traceback" not in err, err
+    assert err.strip().splitlines() == ["convert_jax_checkpoint.py: interrupted by SIGTERM; temporary outputs removed"]
+    assert sorted(os.listdir(tmp_path)) == ["c"]  # no .out.tmp-PID, no out
