@@ -7,7 +7,9 @@ CHECKPOINT_DIR is a `checkpoint_<step>` folder (msgpack `checkpoint` + zarr arra
 --config the config is inferred from the tensor shapes; with it, every mismatch is named. The
 output (safetensors shards + index, config.json, generation_config.json, modeling code, and the
 tokenizer with its chat template when --tokenizer is given) appears only once complete.
-Bad input: a one-line error naming the parameter and file, exit status 1, no output.
+Bad input, a full disk, a read error: a one-line error naming the parameter and file, exit
+status 2, no output (--debug adds the traceback). SIGTERM/SIGINT remove the temporary folder; a
+temporary folder left by a SIGKILLed run is removed by the next run.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                     help="threads inflating the chunks of one array")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = ap.parse_args(argv)
     if args.workers < 1:
         ap.error("--workers must be >= 1")
@@ -45,23 +48,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from openmoe.checkpoint import CheckpointError, convert
+    from openmoe.utils.cli import cli_errors
 
-    try:
+    # CheckpointError, OSError (disk full named ENOSPC), bad values: one line, exit 2; SIGTERM and
+    # SIGINT: the temporary output folder is removed (output_folder's cleanup runs), exit 128 + signal
+    with cli_errors(PROG, debug=args.debug, expected=(CheckpointError,)) as status:
         out = convert(args.checkpoint_dir, args.output_dir, config=args.config, dtype=args.dtype,
                       max_shard_size=args.max_shard_size, tokenizer=args.tokenizer,
                       tokenizer_extra_ids=args.tokenizer_extra_ids, head_dim=args.head_dim,
                       workers=args.workers, progress=False if args.no_progress else None)
-    except CheckpointError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 1
-    except OSError as e:  # disk full, permissions: still one line, no traceback
-        print(f"{PROG}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
-        return 130
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+    return status.code
 
 
 if __name__ == "__main__":

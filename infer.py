@@ -9,6 +9,11 @@
 
 Works on folders from save_pretrained, train.py, convert_jax_checkpoint.py and the published
 ColossalAI-layout checkpoints. Stops on eos and on `</s>` spelled as text.
+
+Checks before generating: the folder's manifest.json when it has one (sha256 of every file;
+--no-verify skips), config.json, the flags, every --input line and that --output can be
+written; --output is written whole (temporary file renamed) or not at all. Errors: one line
+naming the flag, line or file, exit status 2 (--debug adds the traceback).
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--compile", action="store_true",
                     help="static KV cache and the decode step compiled (fullgraph; CUDA graphs on CUDA); "
                          "the compile is paid once, at a printed warm-up")
+    ap.add_argument("--no-verify", action="store_true", help="skip the sha256 check against MODEL_DIR/manifest.json")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args = ap.parse_args(argv)
     if args.dtype == "float16":
         ap.error("--dtype float16: OpenMoE degrades in fp16 (activations overflow); use bfloat16 or float32")
@@ -56,6 +63,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error("--max-new-tokens must be >= 1")
     if args.batch_size < 1:
         ap.error("--batch-size must be >= 1")
+    if args.num_beams < 1:
+        ap.error(f"--num-beams {args.num_beams}: must be >= 1")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p {args.top_p}: must be in (0, 1]")
+    if not args.temperature > 0:
+        ap.error(f"--temperature {args.temperature}: must be > 0")
+    if args.top_k < 0:
+        ap.error(f"--top-k {args.top_k}: must be >= 0 (0: off)")
+    if not args.repetition_penalty > 0:
+        ap.error(f"--repetition-penalty {args.repetition_penalty}: must be > 0")
     if args.num_beams > 1 and args.stream:
         ap.error("--stream works with greedy or sampling, not beam search")
     if not Path(args.model_dir).is_dir():
@@ -66,7 +83,40 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--adapter {args.adapter!r}: no adapter_config.json in it")
     if args.input and args.prompt:
         ap.error("give --prompt or --input, not both")
+    if args.input and not Path(args.input).is_file():
+        ap.error(f"--input {args.input!r}: no such file")
+    if args.output:  # before loading and generating, not after
+        from openmoe.utils.cli import check_writable, remove_stale_temps
+
+        try:
+            check_writable(args.output, "--output")
+        except ValueError as e:
+            ap.error(str(e))
+        remove_stale_temps(args.output)  # of a run killed with SIGKILL
     return args
+
+
+def check_model_dir(args) -> None:
+    """Before the tokenizer and the weights: the manifest (sha256 of every file, when the folder
+    has one: train.py and convert_jax_checkpoint.py write it) and config.json, blamed by name."""
+    import openmoe  # noqa: F401
+    from openmoe import OpenMoeConfig
+    from openmoe.utils.manifest import verify_manifest
+
+    if not args.no_verify:
+        verify_manifest(args.model_dir, required=False)
+    cfg_file = Path(args.model_dir) / "config.json"
+    try:
+        d = json.loads(cfg_file.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file}: not a valid config ({e})") from None
+    try:
+        OpenMoeConfig.from_pretrained(args.model_dir)
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_file}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+                         ) from None
 
 
 def load(args):
@@ -76,6 +126,7 @@ def load(args):
     import openmoe  # noqa: F401  (registers the Auto classes)
     from openmoe import OpenMoeForCausalLM
 
+    check_model_dir(args)
     tok_dir = args.tokenizer or args.model_dir
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
@@ -88,7 +139,12 @@ def load(args):
     if args.device == "auto":
         kw["device_map"] = "auto"
     # OpenMoeForCausalLM also reads the ColossalAI layout (model_type "llama").
-    model = OpenMoeForCausalLM.from_pretrained(args.model_dir, **kw).eval()
+    try:
+        model = OpenMoeForCausalLM.from_pretrained(args.model_dir, **kw).eval()
+    except Exception as e:  # noqa: BLE001  (truncated or corrupt weight files: SafetensorError, pickle errors)
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{_bad_weight_file(args.model_dir)}: cannot load the weights ({type(e).__name__}: "
+                         f"{msg})") from None
     if args.adapter:  # LoRA through PEFT, experts on the grouped-GEMM path (openmoe/peft)
         from openmoe.peft import load_adapter
 
@@ -100,6 +156,19 @@ def load(args):
     if args.device == "cuda":
         model = model.to("cuda")
     return model, tokenizer
+
+
+def _bad_weight_file(model_dir: str) -> str:
+    """The first .safetensors file whose header does not parse (else the folder)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception:  # noqa: BLE001
+            return str(f)
+    return str(model_dir)
 
 
 def generation_kwargs(args, model, tokenizer) -> dict:
@@ -192,22 +261,64 @@ def generate(args, model, tokenizer, texts: list[str], stream_to=None) -> tuple[
     return outs, stats
 
 
+def read_input(path: str, chat: bool) -> list[dict]:
+    """The rows of an --input jsonl; a bad line is named by its number."""
+    rows = []
+    with open(path, encoding="utf-8", errors="strict") as f:
+        try:
+            lines = list(f)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"--input {path}: not UTF-8 text ({e.reason})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+        except ValueError as e:
+            raise ValueError(f"--input {path} line {n}: not JSON ({e})") from None
+        if not isinstance(r, dict):
+            raise ValueError(f"--input {path} line {n}: expected a JSON object, got {type(r).__name__}")
+        if chat and "messages" in r:
+            if not isinstance(r["messages"], list) or not all(
+                    isinstance(m, dict) and isinstance(m.get("content"), str) for m in r["messages"]):
+                raise ValueError(f"--input {path} line {n}: 'messages' must be a list of "
+                                 f"{{\"role\": ..., \"content\": \"...\"}}")
+        elif "prompt" not in r:
+            raise ValueError(f"--input {path} line {n}: no 'prompt' field")
+        elif not isinstance(r["prompt"], str):
+            raise ValueError(f"--input {path} line {n}: 'prompt' is {type(r['prompt']).__name__}, not text")
+        rows.append(r)
+    if not rows:
+        raise ValueError(f"--input {path}: has no prompts")
+    return rows
+
+
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    from openmoe.utils.cli import cli_errors
+
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    with cli_errors("infer.py", debug=debug) as status:
+        return _main(parse_args(argv))
+    return status.code
+
+
+def _main(args) -> int:
+    from openmoe.utils.cli import atomic_path
+
+    rows = read_input(args.input, args.chat) if args.input else None  # bad lines before loading
     model, tokenizer = load(args)
     if args.input:
-        rows = [json.loads(line) for line in open(args.input) if line.strip()]
-        if not rows:
-            raise SystemExit(f"infer.py: --input {args.input!r} has no prompts")
         texts = []
-        for i, r in enumerate(rows):
+        for r in rows:
             if "messages" in r and args.chat:
                 texts.append(render(args, tokenizer, messages=r["messages"]))
-            elif "prompt" in r:
-                texts.append(render(args, tokenizer, prompt=r["prompt"]))
             else:
-                raise SystemExit(f"infer.py: --input {args.input!r} line {i + 1}: no 'prompt' field")
-        stats = run_batches(args, model, tokenizer, rows, texts)
+                texts.append(render(args, tokenizer, prompt=r["prompt"]))
+        if args.output:  # written whole or not at all: batches go to a temporary, renamed at the end
+            with atomic_path(args.output) as tmp:
+                stats = run_batches(args, model, tokenizer, rows, texts, tmp)
+        else:
+            stats = run_batches(args, model, tokenizer, rows, texts, None)
     elif args.prompt is not None:
         if args.compile:
             print(f"compile warm-up: {warm_up(args, model, tokenizer, args.prompt):.1f} s (once)", file=sys.stderr)
@@ -223,16 +334,14 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_batches(args, model, tokenizer, rows: list, texts: list[str]) -> dict:
-    """--input: batches of --batch-size, each written as it finishes (to OUTPUT.partial, renamed
-    to OUTPUT at the end, so a killed run never leaves a complete-looking file), with a progress
-    bar of prompts and decode tokens/s."""
+def run_batches(args, model, tokenizer, rows: list, texts: list[str], path) -> dict:
+    """--input: batches of --batch-size, each written to `path` (stdout if None) as it finishes,
+    with a progress bar of prompts and decode tokens/s."""
     from tqdm import tqdm
 
     if args.compile:
         print(f"compile warm-up: {warm_up(args, model, tokenizer, texts[0]):.1f} s (once)", file=sys.stderr)
-    partial = f"{args.output}.partial" if args.output else None
-    sink = open(partial, "w") if partial else sys.stdout
+    sink = open(path, "w") if path is not None else sys.stdout
     bar = tqdm(total=len(texts), unit="prompt", file=sys.stderr, disable=None)
     new_tokens, decode_s, stats = 0, 0.0, {}
     try:
@@ -247,10 +356,8 @@ def run_batches(args, model, tokenizer, rows: list, texts: list[str]) -> dict:
             bar.set_postfix(decode_tok_s=f"{new_tokens / max(decode_s, 1e-9):.1f}")
     finally:
         bar.close()
-        if partial:
+        if path is not None:
             sink.close()
-    if partial:
-        os.replace(partial, args.output)
     return {**stats, "decode_tokens_per_s": new_tokens / max(decode_s, 1e-9), "new_tokens": new_tokens}
 
 

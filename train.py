@@ -5,6 +5,10 @@
 
 Every key of the YAML (see openmoe/training/config.py: TrainConfig) can be overridden with
 `--key value`, model config fields with `--model_overrides.NAME value`.
+
+Errors: one line on stderr naming the file, key or flag, exit status 2 (3: training diverged,
+the last good checkpoint kept); --debug adds the traceback. SIGTERM/SIGINT remove temporary
+folders before exiting (128 + signal).
 """
 
 from __future__ import annotations
@@ -20,35 +24,43 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue from the last checkpoint in out_dir")
     ap.add_argument("--plan", nargs="?", const="true", default=None,
                     help="print the per-rank memory plan of this run and exit (same as --plan true)")
+    ap.add_argument("--no-verify", action="store_true",
+                    help="skip the sha256 check of the checkpoint resumed from and of init_from (manifest.json)")
+    ap.add_argument("--trust-checkpoint", action="store_true",
+                    help="resume from a checkpoint without manifest.json (its DCP .metadata is a pickle: only "
+                         "checkpoints you wrote yourself)")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of an error too")
     args, rest = ap.parse_known_args(argv)
     if args.plan is not None:
         rest = rest + ["--plan", args.plan]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its parse errors come back as one DataError line
 
     from openmoe.data import DataError
-    from openmoe.training import ConfigError, Trainer, TrainingDiverged, load_config
+    from openmoe.training import Trainer, TrainingDiverged, load_config
+    from openmoe.utils.cli import cli_errors
 
-    try:
-        cfg = load_config(args.config, rest)
-        if cfg.plan:  # from the model config on the meta device: no weights, no data
-            from openmoe.planner.cli import plan_text
+    trainer = None
+    with cli_errors("train.py", debug=args.debug, expected=(DataError,)) as status:
+        try:
+            cfg = load_config(args.config, rest)
+            if cfg.plan:  # from the model config on the meta device: no weights, no data
+                from openmoe.planner.cli import plan_text
 
-            try:
                 print(plan_text(cfg)[0])
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            return 0
-        trainer = Trainer(cfg, resume=args.resume)
-        trainer.setup()
-        trainer.train()
-        _close_process_group()
-    except (ConfigError, DataError) as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as e:
-        print(f"train.py: {e}", file=sys.stderr)
-        return 3
-    return 0
+                return 0
+            trainer = Trainer(cfg, resume=args.resume, verify=not args.no_verify,
+                              trust_checkpoint=args.trust_checkpoint)
+            trainer.setup()
+            trainer.train()
+            _close_process_group()
+        except TrainingDiverged as e:
+            print(f"train.py: {e}", file=sys.stderr)
+            status.code = 3
+        finally:
+            if trainer is not None:
+                trainer.close()
+    return status.code
 
 
 def _close_process_group() -> None:

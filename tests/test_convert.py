@@ -203,13 +203,13 @@ def test_tokenizer_with_chat_template(tmp_path):
     assert tok.decode(tok("the cat", add_special_tokens=False)["input_ids"]) == "the cat"
 
 
-# -- bad input: one line naming parameter and file, exit 1, nothing written -----------------------
+# -- bad input: one line naming parameter and file, exit 2, nothing written -----------------------
 
 def _fails(capsys, tmp_path, ckpt, *extra, match):
     out = tmp_path / "out"
     rc = cli.main([str(ckpt), str(out), "--head-dim", "16", "--no-progress", "--max-shard-size", "20KB", *extra])
     err = capsys.readouterr().err.strip()
-    assert rc == 1
+    assert rc == 2
     assert err.startswith("convert_jax_checkpoint.py: error: ") and "\n" not in err, err
     assert all(m in err for m in match), err
     assert not out.exists() and not [f for f in os.listdir(tmp_path) if ".tmp-" in f]
@@ -269,7 +269,7 @@ def test_other_bad_inputs(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     rc = cli.main([str(ckpt), str(tmp_path / "out"), "--head-dim", "16", "--no-progress"])
-    assert rc == 1 and "already exists" in capsys.readouterr().err
+    assert rc == 2 and "already exists" in capsys.readouterr().err
     assert os.listdir(tmp_path / "out") == ["keep"]
 
 
@@ -278,7 +278,7 @@ def test_cli_subprocess_exit_code_and_one_line(tmp_path):
     shutil.rmtree(ckpt / "target.token_embedder.embedding")
     r = subprocess.run([sys.executable, str(ROOT / "convert_jax_checkpoint.py"), str(ckpt), str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=120)
-    assert r.returncode == 1
+    assert r.returncode == 2
     assert r.stderr.strip().splitlines() == [
         f"convert_jax_checkpoint.py: error: token_embedder/embedding: array folder "
         f"{ckpt / 'target.token_embedder.embedding'} is missing"]

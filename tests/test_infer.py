@@ -178,7 +178,7 @@ def test_batches_of_input_equal_one_by_one_and_leave_no_partial(model_dir, tmp_p
     args = _args(model_dir, "--max-new-tokens", "4")
     model, tok = infer.load(args)
     assert got == [infer.generate(args, model, tok, [p])[0][0] for p in prompts]
-    assert not (tmp_path / "o.jsonl.partial").exists()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["o.jsonl", "p.jsonl"]  # no temporary left
 
 
 def test_compile_flag_uses_a_static_cache_and_a_fullgraph_step(model_dir, monkeypatch, capsys):
@@ -193,3 +193,57 @@ def test_compile_flag_uses_a_static_cache_and_a_fullgraph_step(model_dir, monkey
     assert "compile warm-up" in err and compiled and compiled[0]["fullgraph"] is True
     eager = infer.generate(_args(model_dir, "--max-new-tokens", "4"), model, tok, ["the cat"])[0][0]
     assert out.strip() == eager
+
+
+# -- bad input: one line naming the flag, line or file, exit 2, before any generation ---------------
+
+def _fails(capsys, *argv, match):
+    rc = infer.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert match in err and "Traceback" not in err, err
+    return err
+
+
+def _exit2(capsys, *argv, match):
+    with pytest.raises(SystemExit) as e:  # argparse's ap.error
+        infer.main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and match in err and "Traceback" not in err, err
+
+
+def test_bad_flags_and_outputs_are_refused_before_loading(model_dir, tmp_path, capsys):
+    _exit2(capsys, model_dir, "--prompt", "x", "--num-beams", "0", match="--num-beams 0: must be >= 1")
+    _exit2(capsys, model_dir, "--prompt", "x", "--do-sample", "--top-p", "2.0", match="--top-p 2.0: must be in (0, 1]")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat"}\n')
+    _exit2(capsys, model_dir, "--input", tmp_path / "p.jsonl", "--output", tmp_path / "nodir" / "o.jsonl",
+           match="--output")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat"}\n\n{"prompt": 5}\n')
+    err = _fails(capsys, model_dir, "--input", tmp_path / "p.jsonl", "--output", tmp_path / "o.jsonl",
+                 match="line 3: 'prompt' is int")
+    assert err.count("\n") == 1 and not (tmp_path / "o.jsonl").exists()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "the cat"}\n{"prompt": "a dog"\n')
+    _fails(capsys, model_dir, "--input", tmp_path / "p.jsonl", match="line 2: not JSON")
+
+
+def test_broken_config_and_damaged_weights_are_named(model_dir, tmp_path, capsys):
+    import shutil
+
+    from openmoe.utils.manifest import write_manifest
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    (d / "config.json").write_text('{"vocab_size": 120,')
+    err = _fails(capsys, d, "--prompt", "x", match=f"{d / 'config.json'}: not a valid config")
+    assert "tokenizer" not in err
+    shutil.copy(Path(model_dir) / "config.json", d / "config.json")
+    weights = d / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # truncated, no manifest
+    _fails(capsys, d, "--prompt", "x", match=f"{weights}: cannot load the weights")
+    shutil.copy(Path(model_dir) / "model.safetensors", weights)
+    write_manifest(d)
+    b = bytearray(weights.read_bytes())
+    b[-10] ^= 0xFF  # a flipped byte in the data: loads silently without the manifest
+    weights.write_bytes(bytes(b))
+    _fails(capsys, d, "--prompt", "x", match=f"{weights}: sha256 does not match")
+    assert infer.main([str(d), "--prompt", "x", "--max-new-tokens", "2", "--no-verify"]) == 0

@@ -172,14 +172,21 @@ def check_output_free(out: Path) -> None:
 @contextlib.contextmanager
 def output_folder(out: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `out` (same filesystem, so the rename is atomic);
-    rename it to `out` on success, delete it on any error or interrupt."""
+    write its manifest.json and rename it to `out` on success, delete it on any error or
+    interrupt (SIGTERM too, under utils.cli.install_signal_handlers). Stale temporary folders
+    of dead processes are removed first."""
     out = Path(out).absolute()
     check_output_free(out)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    from ..utils.cli import remove_stale_temps, tmp_sibling
+    from ..utils.manifest import write_manifest
+
+    remove_stale_temps(out)  # leftovers of runs killed with SIGKILL (SIGTERM/SIGINT clean up below)
+    tmp = tmp_sibling(out)
     shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run of this same pid
     tmp.mkdir()
     try:
         yield tmp
+        write_manifest(tmp)  # last: sha256 of every file, verified by our loaders
         if fsync:
             _fsync_folder(tmp)
         check_output_free(out)  # nothing appeared there meanwhile

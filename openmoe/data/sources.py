@@ -94,8 +94,11 @@ def _hf_stream(src: SourceConfig, files: list[str] | None):
             return datasets.load_dataset(src.path, data_dir=src.data_dir, split=src.split, streaming=True)
         builder = "parquet" if files[0].endswith(PARQUET_EXT) else "json"
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
+    except StopIteration:  # datasets' json builder on a file with no rows
+        raise DataError(f"data source {src.name!r}: {src.path} has no examples (empty file?)") from None
     except Exception as e:  # noqa: BLE001 - re-raised with the source named
-        raise DataError(f"data source {src.name!r}: cannot open {src.path}: {type(e).__name__}: {e}") from None
+        raise DataError(f"data source {src.name!r}: cannot open {src.path}: {type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def raw_examples(src: SourceConfig) -> Iterator[dict]:
@@ -167,3 +170,6 @@ class DocumentStream:
         elif self.src.text_field not in ex:
             raise DataError(f"data source {self.src.name!r}: missing column {self.src.text_field!r} "
                             f"in {self.src.path} (columns: {sorted(ex)})")
+        elif not isinstance(ex[self.src.text_field], str):
+            raise DataError(f"data source {self.src.name!r}: example {self.consumed} of {self.src.path}: column "
+                            f"{self.src.text_field!r} is {type(ex[self.src.text_field]).__name__}, not text")

@@ -56,6 +56,9 @@ def _atomic_dir(final: Path, write) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     write(tmp)
+    from ..utils.manifest import write_manifest
+
+    write_manifest(tmp)  # last: the sha256 of every file, checked by train.py --init_from and infer.py
     if final.exists():
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -146,4 +149,6 @@ def preflight(cfg, device: str, world: int) -> None:
             _check_targets_on_meta(cfg)
         check_fits(cfg, world)
     except (ValueError, RuntimeError) as e:  # PlanDoesNotFit, QuantizationUnavailable, bad combinations
-        raise ConfigError(str(e)) from None
+        err = ConfigError(str(e))
+        err.full_message = getattr(e, "full_message", False)  # the plan's table comes with the error
+        raise err from None

@@ -3,9 +3,6 @@ a run makes before loading when `device_memory` is set."""
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .layout import Layout, candidate_layouts, default_world, format_size, parse_size
 from .memory import MemoryPlan, Workload, plan_memory
 
@@ -13,18 +10,15 @@ from .memory import MemoryPlan, Workload, plan_memory
 class PlanDoesNotFit(ValueError):
     """The run's plan is larger than --device_memory; the message is the whole table."""
 
+    full_message = True  # utils.cli prints it whole: the first line names the flag, the table follows
+
 
 def model_config(cfg):
-    """The model config of a run, without weights: cfg.model, or init_from's config.json."""
-    from .. import OpenMoeConfig
+    """The model config of a run, without weights: cfg.model, or init_from's config.json, with
+    model_overrides applied before the config's validation (training.config.model_config)."""
+    from ..training.config import model_config as _model_config
 
-    src = cfg.init_from or cfg.model
-    try:
-        if Path(src).is_dir() or str(src).endswith(".json"):
-            return OpenMoeConfig.from_pretrained(src, **cfg.model_overrides)
-        return OpenMoeConfig(**json.loads(Path(src).read_text()), **cfg.model_overrides)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"model {src}: {e}") from None
+    return _model_config(cfg)
 
 
 def resolve_device(cfg) -> str:

@@ -18,8 +18,14 @@ rank needs, whatever layout wrote them (one process, ep/dp/world changed, expert
 not).
 
 Layout of step_XXXXXXXX/: DCP files (model and optimizer tensors), trainer_state.json (step,
-data position, scheduler, layout) and rng_rankNNNNN.pt. The folder is written as .tmp_step_*
-and renamed only when whole; leftovers of a killed save are removed on resume.
+data position, scheduler, layout), rng_rankNNNNN.pt and, written last, manifest.json (the sha256
+of every file: utils/manifest.py). The folder is written as .tmp_step_* and renamed only when
+whole; leftovers of a killed save are removed on resume.
+
+The weights and optimizer state are checked finite before a save (`non_finite`): a diverged
+step is never saved, so the newest checkpoint is always a good one. `load` verifies the manifest
+before DCP reads anything: DCP's `.metadata` is a pickle, and unpickling a crafted one runs code,
+so a checkpoint without a manifest is refused unless the caller trusts it.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ import torch.distributed.checkpoint as dcp
 from ..parallel.fsdp import global_expert
 from ..parallel.grads import is_expert, is_sharded
 from ..parallel.mesh import ParallelState
+from ..utils.manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -106,18 +113,23 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(ps)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # single-process DCP warns that it assumes one process
-        dcp.save({**_model_state(model, ps), **_optim_state(model, optimizer, ps)}, checkpoint_id=str(tmp))
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(rng, tmp / f"rng_rank{ps.rank:05d}.pt")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # single-process DCP warns that it assumes one process
+            dcp.save({**_model_state(model, ps), **_optim_state(model, optimizer, ps)}, checkpoint_id=str(tmp))
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        torch.save(rng, tmp / f"rng_rank{ps.rank:05d}.pt")
+    except BaseException as e:  # noqa: BLE001  (DCP's CheckpointException is a BaseException)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _write_error(e, tmp) from None
     if ps.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "world": ps.world, "ep": ps.ep, "scheduler": scheduler.state_dict(), **state}))
     _barrier(ps)
     if ps.is_main:
+        write_manifest(tmp)  # last, every rank's files in it: the folder is whole
         _fsync_dir(tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)  # atomic: the step folder appears only when whole
@@ -126,6 +138,52 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ps)
     return final
+
+
+def _write_error(e: BaseException, tmp: Path) -> BaseException:
+    """A failed write as an OSError naming the folder: ENOSPC named as such (torch.save reports
+    a full disk as a RuntimeError from inline_container.cc, DCP wraps errors of its own)."""
+    import errno
+
+    from ..utils.cli import _unwrap
+
+    inner = _unwrap(e)
+    if isinstance(inner, OSError):
+        return OSError(inner.errno, inner.strerror or str(inner), str(inner.filename or tmp))
+    if isinstance(inner, RuntimeError) and ("inline_container" in str(inner) or "write failed" in str(inner)):
+        try:
+            full = shutil.disk_usage(tmp.parent).free < (16 << 20)
+        except OSError:
+            full = False
+        if full:
+            return OSError(errno.ENOSPC, "disk full", str(tmp))
+        return OSError(errno.EIO, f"write failed: {str(inner).splitlines()[0]}", str(tmp))
+    return e
+
+
+def non_finite(model, optimizer, ps: ParallelState | None = None) -> str | None:
+    """The name of the first parameter or optimizer state that is not finite (None: all are).
+    One host sync (and one all_reduce) for all tensors."""
+    ps = ps or ParallelState()
+    named = []
+    for name, p in model.named_parameters():
+        named.append((name, p))
+        for k, v in optimizer.state.get(p, {}).items():
+            if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1:
+                named.append((f"optimizer state {k} of {name}", v))
+    if not named:
+        return None
+    local = [(t.to_local() if is_sharded(t) else t).detach() for _, t in named]
+    device = local[0].device
+    ok = torch.stack([torch.isfinite(t).all().to(device) for t in local]).to(torch.int32)
+    if ps.distributed and dist.get_backend() == "gloo":
+        ok = ok.cpu()
+    if ps.distributed:
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    ok = ok.cpu()  # the one host sync
+    if bool(ok.all()):
+        return None
+    return next(n for (n, _), f in zip(named, ok.tolist()) if not f)
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:
@@ -172,11 +230,60 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple
     return out, keep
 
 
-def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = None) -> dict:
+def check(path: Path, verify: bool = True, trust: bool = False) -> None:
+    """Before anything of `path` is read: its manifest verified (with verify), and a checkpoint
+    without one refused unless trusted (DCP's .metadata is a pickle). Raises ManifestError."""
+    path = Path(path)
+    if not has_manifest(path):
+        if not trust:
+            raise ManifestError(f"checkpoint {path}: no manifest.json, so nothing vouches for its files (DCP's "
+                                f".metadata is a pickle and loading it can run code); pass --trust-checkpoint if "
+                                f"you wrote it yourself")
+        return
+    if verify:
+        verify_manifest(path)
+
+
+def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = None, verify: bool = True,
+         trust: bool = False) -> dict:
     ps = ps or ParallelState()
     if not (path / "trainer_state.json").is_file() or not (path / ".metadata").is_file():
         raise ValueError(f"checkpoint {path}: incomplete (no trainer_state.json or DCP .metadata)")
-    state = json.loads((path / "trainer_state.json").read_text())
+    check(path, verify, trust)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text())
+        if not isinstance(state, dict) or "step" not in state or "scheduler" not in state:
+            raise ValueError("no step or scheduler")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'trainer_state.json'}: not a valid trainer state ({e})") from None
+    try:
+        return _load(path, state, model, optimizer, scheduler, ps)
+    except BaseException as e:  # noqa: BLE001  (DCP's CheckpointException is a BaseException)
+        from ..utils.cli import Interrupted, _unwrap
+
+        inner = _unwrap(e)
+        if isinstance(e, (KeyboardInterrupt, Interrupted, SystemExit)) or isinstance(inner, ValueError):
+            raise
+        msg = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+        short = _short_file(path)
+        where = f"{short}: truncated or missing" if short else f"checkpoint {path}: cannot be read"
+        raise ValueError(f"{where} ({type(inner).__name__}: {msg})") from None
+
+
+def _short_file(path: Path) -> Path | None:
+    """The DCP data file that is missing or shorter than its metadata says, if any."""
+    try:
+        md = dcp.FileSystemReader(str(path)).read_metadata()
+        for info in md.storage_data.values():
+            f = path / info.relative_path
+            if not f.is_file() or f.stat().st_size < info.offset + info.length:
+                return f
+    except Exception:  # noqa: BLE001
+        pass
+    return None
+
+
+def _load(path: Path, state: dict, model, optimizer, scheduler, ps: ParallelState) -> dict:
     optim_sd, keep = _empty_optim_state(model, optimizer, path, ps)
     sd = {**_model_state(model, ps), **optim_sd}
     with warnings.catch_warnings():
@@ -200,9 +307,16 @@ def load(path: Path, model, optimizer, scheduler, ps: ParallelState | None = Non
     scheduler.load_state_dict(state.pop("scheduler"))
     for group, lr in zip(optimizer.param_groups, scheduler.get_last_lr()):
         group["lr"] = lr  # param_groups are not in DCP: the scheduled lr comes from the scheduler
+    bad = non_finite(model, optimizer, ps)
+    if bad is not None:
+        raise ValueError(f"checkpoint {path}: {bad} is not finite")
     rng_file = path / f"rng_rank{ps.rank:05d}.pt"
     if (state.get("world"), state.get("ep")) == (ps.world, ps.ep) and rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)  # same layout: exact RNG continuation
+        try:  # same layout: exact RNG continuation
+            rng = torch.load(rng_file, weights_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise ValueError(f"{rng_file}: cannot be read ({type(e).__name__}: "
+                             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])

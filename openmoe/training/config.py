@@ -81,11 +81,18 @@ class TrainConfig:
         def bad(key, msg):
             raise ConfigError(f"{key}={getattr(self, key)!r}: {msg}")
 
+        check_types(self)
         if self.model is None and self.init_from is None:
             raise ConfigError("model: give a model config (model: configs/tiny) or init_from: an HF folder")
-        for k in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last", "log_every"):
-            if not isinstance(getattr(self, k), int) or getattr(self, k) < 1:
+        for k in ("seq_len", "batch_size", "grad_accum", "steps", "save_every", "keep_last", "log_every",
+                  "ep", "fsdp", "lora_rank"):
+            if getattr(self, k) < 1:
                 bad(k, "must be a positive integer")
+        for k in ("warmup_steps", "balance_every", "seed"):
+            if getattr(self, k) < 0:
+                bad(k, "must be >= 0")
+        if self.world is not None and self.world < 1:
+            bad("world", "must be a positive integer")
         if self.optimizer not in ("adamw", "adafactor"):
             bad("optimizer", "choose adamw or adafactor")
         if self.schedule not in ("cosine", "linear", "constant"):
@@ -94,14 +101,36 @@ class TrainConfig:
             bad("precision", "choose auto, fp32 or bf16")
         if self.device not in ("auto", "cpu", "cuda"):
             bad("device", "choose auto, cpu or cuda")
-        if not isinstance(self.ep, int) or self.ep < 1:
-            bad("ep", "must be a positive integer")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if self.warmup_steps < 0:
-            bad("warmup_steps", "must be >= 0")
+        finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731
+        if not (self.lr > 0 and finite(self.lr)):
+            bad("lr", "must be a finite number > 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "must be in [0, 1]")
+        if not (self.weight_decay >= 0 and finite(self.weight_decay)):
+            bad("weight_decay", "must be a finite number >= 0")
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                           for b in self.betas):
+            bad("betas", "must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if not (self.clip_grad >= 0 and finite(self.clip_grad)):
+            bad("clip_grad", "must be a finite number >= 0")
+        if not (self.dist_timeout_s > 0 and finite(self.dist_timeout_s)):
+            bad("dist_timeout_s", "must be a number of seconds > 0")
+        if self.peak_tflops is not None and not (self.peak_tflops > 0 and finite(self.peak_tflops)):
+            bad("peak_tflops", "must be a number > 0")
+        if not (self.lora_alpha > 0 and finite(self.lora_alpha)):
+            bad("lora_alpha", "must be a number > 0")
+        if not 0 <= self.lora_dropout < 1:
+            bad("lora_dropout", "must be in [0, 1)")
+        if not self.out_dir.strip():
+            bad("out_dir", "must name a folder")
+        for k in ("freeze", "lora_targets"):
+            if not all(isinstance(v, str) for v in getattr(self, k)):
+                bad(k, "must be a list of names")
+        if not all(isinstance(s, dict) for s in self.data):
+            bad("data", "must be a list of source mappings ({name:, path:, ...})")
         if not self.data and not self.plan:  # a plan needs no data
             bad("data", "no data sources")
+        check_model_overrides(self.model_overrides)
         from ..peft.checks import check_peft_fields
         from ..planner.layout import check_plan_fields
 
@@ -113,34 +142,129 @@ class TrainConfig:
         return self
 
 
-def _coerce(key: str, raw: str, typ):
-    origin = typing.get_origin(typ)
+def _type_name(typ) -> str:
     args = [a for a in typing.get_args(typ) if a is not type(None)]
-    if typ in (int, float, str) or (origin is typing.Union and args and args[0] in (int, float, str)):
+    if typing.get_origin(typ) is typing.Union or type(typ).__name__ == "UnionType":
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    return getattr(typ, "__name__", str(typ))
+
+
+def _matches(val, typ) -> bool:
+    origin = typing.get_origin(typ)
+    if origin is typing.Union or type(typ).__name__ == "UnionType":
+        return any(_matches(val, a) for a in typing.get_args(typ))
+    if typ is type(None):
+        return val is None
+    if typ is bool:
+        return isinstance(val, bool)
+    if typ is int:
+        return isinstance(val, int) and not isinstance(val, bool)
+    if typ is float:
+        return isinstance(val, (int, float)) and not isinstance(val, bool)
+    return isinstance(val, origin or typ)
+
+
+def check_types(cfg: "TrainConfig") -> None:
+    """Every field against its annotation (ints are numbers too; bools are not ints)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        val = getattr(cfg, f.name)
+        if not _matches(val, hints[f.name]):
+            raise ConfigError(f"{f.name}={val!r}: expected {_type_name(hints[f.name])}, got {type(val).__name__}")
+        if hints[f.name] is float and isinstance(val, int):
+            setattr(cfg, f.name, float(val))
+
+
+def model_config_fields() -> list[str]:
+    """The OpenMoeConfig fields a --model_overrides.NAME may set."""
+    from ..configuration_openmoe import OpenMoeConfig
+
+    return [f.name for f in dataclasses.fields(OpenMoeConfig)]
+
+
+def check_model_overrides(overrides: dict) -> None:
+    """Unknown names are refused with the closest valid one (a typo would otherwise be dropped)."""
+    import difflib
+
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"model_overrides={overrides!r}: expected a mapping of OpenMoeConfig fields")
+    known = model_config_fields()
+    for k in overrides:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            raise ConfigError(f"--model_overrides.{k}: not an OpenMoeConfig field{hint}")
+
+
+def model_config(cfg: "TrainConfig"):
+    """The run's OpenMoeConfig: cfg.model (a folder or config.json) or init_from's config.json,
+    with model_overrides applied BEFORE OpenMoeConfig's own validation, and seq_len checked
+    against max_position_embeddings. Raises ConfigError naming the source or override."""
+    from ..configuration_openmoe import OpenMoeConfig
+
+    src = cfg.init_from or cfg.model
+    key = "init_from" if cfg.init_from else "model"
+    p = Path(src)
+    file = p / "config.json" if p.is_dir() else p
+    if not file.is_file():
+        raise ConfigError(f"{key} {src}: no such file or folder (or no config.json in it)")
+    try:
+        d = json.loads(file.read_text())
+        if not isinstance(d, dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{key} {src}: {file} is not a valid config ({e})") from None
+    check_model_overrides(cfg.model_overrides)
+    d = {**d, **cfg.model_overrides}
+    try:
+        mcfg = OpenMoeConfig(**d)
+    except (TypeError, ValueError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        via = f" (with model_overrides {cfg.model_overrides})" if cfg.model_overrides else ""
+        raise ConfigError(f"{key} {src}: {msg}{via}") from None
+    if cfg.seq_len > mcfg.max_position_embeddings:
+        raise ConfigError(f"seq_len={cfg.seq_len}: exceeds the model's max_position_embeddings="
+                          f"{mcfg.max_position_embeddings} ({file}); lower --seq_len or set "
+                          f"--model_overrides.max_position_embeddings")
+    return mcfg
+
+
+def _coerce(key: str, raw: str, typ, where: str | None = None):
+    origin = typing.get_origin(typ)
+    union = origin is typing.Union or type(typ).__name__ == "UnionType"
+    args = [a for a in typing.get_args(typ) if a is not type(None)]
+    if typ in (int, float, str) or (union and args and args[0] in (int, float, str)):
         target = typ if typ in (int, float, str) else args[0]
-        if raw.lower() in ("none", "null") and origin is typing.Union:
+        if raw.lower() in ("none", "null") and union:
             return None
         try:
+            if target is int and any(c in raw.lower() for c in ".e"):
+                f = float(raw)  # 1e3, 1000.0: an integer written as a float
+                if f.is_integer():
+                    return int(f)
+                raise ValueError(raw)
             return target(raw)
         except ValueError:
-            raise ConfigError(f"--{key} {raw!r}: expected {target.__name__}") from None
+            raise ConfigError(f"{where or '--' + key} {raw!r}: expected {_type_name(target)}") from None
     if typ is bool:
         if raw.lower() in ("1", "true", "yes", "on"):
             return True
         if raw.lower() in ("0", "false", "no", "off"):
             return False
-        raise ConfigError(f"--{key} {raw!r}: expected true/false")
+        raise ConfigError(f"{where or '--' + key} {raw!r}: expected true/false")
     try:  # lists and dicts: YAML/JSON literal (or comma-separated for lists)
         val = yaml.safe_load(raw)
     except yaml.YAMLError:
-        raise ConfigError(f"--{key} {raw!r}: not a YAML value") from None
+        raise ConfigError(f"{where or '--' + key} {raw!r}: not a YAML value") from None
     if origin in (list, None) and isinstance(val, str):
         val = [v for v in val.split(",") if v]
     return val
 
 
 def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    """YAML file, then `--key value` pairs (also `--model_overrides.num_experts 8`)."""
+    """YAML file, then `--key value` pairs (also `--model_overrides.num_experts 8`). Every value
+    is checked against its field's type (YAML numbers in any notation: `3e-3` is read by YAML 1.1
+    as a string and converted here) and range."""
     raw: dict = {}
     if path is not None:
         p = Path(path)
@@ -148,15 +272,22 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
             raise ConfigError(f"--config {path}: no such file")
         try:
             raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config {path}: not valid YAML: {e}") from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path}: not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"--config {path}: expected a mapping at the top level")
     fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
     hints = typing.get_type_hints(TrainConfig)
     unknown = set(raw) - set(fields)
     if unknown:
-        raise ConfigError(f"--config {path}: unknown keys {sorted(unknown)}")
+        import difflib
+
+        k = sorted(map(str, unknown))[0]
+        close = difflib.get_close_matches(k, list(fields), n=1)
+        raise ConfigError(f"--config {path}: unknown key {k!r}" + (f"; did you mean {close[0]}?" if close else ""))
+    for k, v in list(raw.items()):  # YAML strings for typed fields: '3e-3', 'null', 'true'
+        if isinstance(v, str) and hints[k] is not str and _matches(v, hints[k]) is False:
+            raw[k] = _coerce(k, v, hints[k], f"--config {path}: {k}")
     if len(overrides) % 2:
         raise ConfigError(f"overrides must be --key value pairs, got {overrides}")
     for flag, value in zip(overrides[::2], overrides[1::2]):
@@ -165,10 +296,23 @@ def load_config(path: str | None, overrides: list[str]) -> TrainConfig:
         key = flag[2:].replace("-", "_")
         if key.startswith("model_overrides."):
             sub = key.split(".", 1)[1]
-            raw.setdefault("model_overrides", {})[sub] = yaml.safe_load(value)
+            try:
+                val = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"--{key} {value!r}: not a YAML value") from None
+            if isinstance(val, str):
+                try:
+                    val = float(val)  # '1e-3'
+                except ValueError:
+                    pass
+            raw.setdefault("model_overrides", {})[sub] = val
             continue
         if key not in fields:
-            raise ConfigError(f"unknown flag --{flag[2:]} (known: {', '.join(sorted(fields))})")
+            import difflib
+
+            close = difflib.get_close_matches(key, list(fields), n=1)
+            raise ConfigError(f"unknown flag --{flag[2:]}" + (f"; did you mean --{close[0]}?" if close else
+                                                               f" (known: {', '.join(sorted(fields))})"))
         raw[key] = _coerce(key, value, hints[key])
     try:
         cfg = TrainConfig(**raw)

@@ -25,10 +25,12 @@ from ..generation.chat import ensure_chat_template
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
 from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
+from ..utils.cli import DirLock, atomic_write_text
 from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
+from ..utils.manifest import verify_manifest, write_manifest
 from . import checkpoint as ckpt
 from .compile import compile_layers
-from .config import ConfigError, TrainConfig, dump_config
+from .config import ConfigError, TrainConfig, dump_config, model_config
 from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
 from .optim import build_optimizer, freeze, lr_lambda
 
@@ -41,8 +43,12 @@ class TrainingDiverged(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, ps: ParallelState | None = None):
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print, ps: ParallelState | None = None,
+                 verify: bool = True, trust_checkpoint: bool = False):
+        """verify: check manifests (sha256) of the checkpoint resumed from and of init_from;
+        trust_checkpoint: resume from a checkpoint that has no manifest (see checkpoint.check)."""
         self.cfg, self.resume = cfg, resume
+        self.verify, self.trust_checkpoint = verify, trust_checkpoint
         try:
             self.ps = ps or init_distributed(cfg.ep, timeout_s=cfg.dist_timeout_s)
         except ValueError as e:
@@ -50,6 +56,7 @@ class Trainer:
         self.log = log if self.ps.is_main else (lambda *a, **k: None)  # rank 0 speaks
         self.out = Path(cfg.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
+        self.lock = DirLock(self.out)  # rank 0 holds it from setup() to the end of train()
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("device=cuda: no CUDA device here")
@@ -66,6 +73,8 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
         cfg = self.cfg
+        if self.ps.is_main:
+            self.lock.acquire()  # a second run on the same out_dir stops here, with a clear line
         if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
             raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
                               f"or choose another --out_dir")
@@ -121,7 +130,8 @@ class Trainer:
             last = ckpt.latest(self.ckpt_dir, self.ps)
             if last is not None:
                 try:
-                    state = ckpt.load(last, self.model, self.optimizer, self.scheduler, self.ps)
+                    state = ckpt.load(last, self.model, self.optimizer, self.scheduler, self.ps,
+                                      verify=self.verify, trust=self.trust_checkpoint)
                 except ValueError as e:
                     raise ConfigError(str(e)) from None
                 self.step = state["step"]
@@ -160,26 +170,29 @@ class Trainer:
                  + (", freed CPU memory kept for reuse" if self.retained_memory else ""))
         if self.ps.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / "train_config.json").write_text(dump_config(cfg))
+            atomic_write_text(self.out / "train_config.json", dump_config(cfg))
 
     def _build_model(self):
-        from .. import OpenMoeConfig, OpenMoeForCausalLM
+        from .. import OpenMoeForCausalLM
 
         cfg = self.cfg
+        mcfg = model_config(cfg)  # overrides checked, then the config's validation; seq_len vs positions
         if cfg.init_from:
             if not Path(cfg.init_from).is_dir():
                 raise ConfigError(f"init_from {cfg.init_from}: no such folder")
+            if self.verify:
+                verify_manifest(cfg.init_from, required=False)  # exported folders carry one
             kw = {"dtype": torch.float32}
             if cfg.peft:  # the frozen base in the compute dtype, or 4/8-bit (openmoe/peft/training.py)
                 from ..peft.training import from_pretrained_kwargs
 
                 kw = from_pretrained_kwargs(cfg, self.amp_dtype, self.device)
-            model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, **kw, **cfg.model_overrides)
-        else:
             try:
-                mcfg = OpenMoeConfig.from_pretrained(cfg.model, **cfg.model_overrides)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"model {cfg.model}: {e}") from None
+                model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, config=mcfg, **kw)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise ConfigError(f"init_from {cfg.init_from}: cannot load the weights: "
+                                  f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        else:
             model = OpenMoeForCausalLM(mcfg)
         if len(self.tokenizer) > model.config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer.path} has {len(self.tokenizer)} pieces but the model's "
@@ -227,11 +240,12 @@ class Trainer:
         agg = dict(zip(LOSS_KEYS, sums.tolist()))
         if not math.isfinite(agg["loss"]):  # checked before the update: the weights stay as they were
             raise TrainingDiverged(f"step {self.step}: loss is {agg['loss']} (not finite); stopped without "
-                                   f"saving, the last good checkpoint is kept in {self.ckpt_dir}")
+                                   f"saving; {self._kept()}")
         sync_gradients(self.model, self.ps)
         gnorm = clip_grad_norm(self.model, cfg.clip_grad, self.ps)
         if not torch.isfinite(gnorm):
-            raise TrainingDiverged(f"step {self.step}: gradient norm is {gnorm.item()}; stopped without saving")
+            raise TrainingDiverged(f"step {self.step}: gradient norm is {gnorm.item()}; stopped without saving; "
+                                   f"{self._kept()}")
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -248,7 +262,25 @@ class Trainer:
             agg.update(expert_stats(tpe, dropped))
         return agg
 
+    def _kept(self) -> str:
+        """What is true of the checkpoints after a diverged step (none is saved after it)."""
+        ckpts = ckpt.list_checkpoints(self.ckpt_dir)
+        if not ckpts:
+            return f"no checkpoint was saved yet in {self.ckpt_dir}"
+        return f"the last good checkpoint {ckpts[-1]} is kept (--resume continues from it)"
+
+    def close(self) -> None:
+        self.lock.release()
+
     def train(self) -> Path | None:
+        if self.ps.is_main:
+            self.lock.acquire()
+        try:
+            return self._train()
+        finally:
+            self.lock.release()
+
+    def _train(self) -> Path | None:
         cfg = self.cfg
         sink = MetricsSink(self.out, cfg.tensorboard and self.ps.is_main)
         # Test hooks: SIGKILL this process at a step (only rank OPENMOE_TEST_KILL_RANK if set).
@@ -300,6 +332,10 @@ class Trainer:
                              f"{rec.get('expert_load_max_over_mean')} | drop {rec.get('drop_rate')}")
                     t_last, tokens_since = time.perf_counter(), 0
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                    bad = ckpt.non_finite(self.model, self.optimizer, self.ps)
+                    if bad is not None:  # a diverged update is never saved: the newest checkpoint stays good
+                        raise TrainingDiverged(f"step {self.step}: {bad} is not finite after the update (lr "
+                                               f"{lr:.2e} too high?); not saved; {self._kept()}")
                     ckpt.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler,
                               {"data": self.data.state(), "placement": self.balancer.state()}, cfg.keep_last,
                               self.ps)
@@ -326,8 +362,13 @@ class Trainer:
             return final
         if tmp.exists():
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
-        self.tokenizer.hf.save_pretrained(tmp)
+        try:
+            self.model.save_pretrained(tmp)
+            self.tokenizer.hf.save_pretrained(tmp)
+            write_manifest(tmp)  # last: sha256 of every file, verified by infer.py and --init_from
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         if final.exists():
             shutil.rmtree(final)
         os.rename(tmp, final)

@@ -111,3 +111,13 @@ def test_hub_source_offline_is_a_named_error(monkeypatch):
     src = SourceConfig(name="redpajama", path="togethercomputer/RedPajama-Data-1T-Sample")
     with pytest.raises(DataError, match="'redpajama': cannot open togethercomputer/RedPajama-Data-1T-Sample"):
         PackedMixture([src], encode, 8, 1).next_batch()
+
+
+def test_empty_and_non_text_sources_are_one_clear_error(tmp_path):
+    from openmoe.data.sources import DocumentStream
+
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "num.jsonl").write_text('{"text": 5}\n')
+    for name, msg in (("empty", "has no examples"), ("num", "column 'text' is int, not text")):
+        with pytest.raises(DataError, match=msg):
+            DocumentStream(SourceConfig.from_dict({"name": name, "path": str(tmp_path / f"{name}.jsonl")})).next()
