@@ -49,9 +49,9 @@ class TextTokenizer:
         return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """encode() of each text (one call into sentencepiece / the Rust tokenizer)."""
+        """encode() of each text in one call, on one thread (processes give the parallelism)."""
         if self.sp is not None:
-            return self.sp.encode(list(texts))
+            return self.sp.encode(list(texts), num_threads=1)
         return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
     def fingerprint(self) -> str:
