@@ -11,7 +11,11 @@ unreachable offline; its 256k vocabulary makes somewhat fewer, longer tokens per
   jsonl -> batches     PackedMixture over the jsonl files, tokenising in the trainer's process
                        (what train.py does for a text source): [batch, seq] batches per second
   parquet -> batches   the same over parquet files
+  N tokenizer workers  a text source with `workers: N` (data/workers.py): the trainer process reads
+                       and packs, N forked processes per source tokenise ahead
   pretokenize N proc   `openmoe.data.pretokenize` with N worker processes (read, tokenise, write)
+Processes counts the trainer/main process too where it works alongside workers; "per core used"
+divides by min(processes, cores). Every process tokenises on one thread (TOKENIZERS_PARALLELISM=false).
   tokens -> batches    PackedMixture over the pre-tokenized folders (memmap read + packing)
 The target is the trainer's consumption: base width on one H200 trains ~220k tokens/s
 (docs/benchmarks.md); per-core rates say how many cores a path needs to keep up.
@@ -82,6 +86,7 @@ def main() -> None:
     ap.add_argument("--num-proc", default="1,2")
     a = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: rates per core
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -128,6 +133,11 @@ def main() -> None:
             srcs = [SourceConfig(name="rp", path=f"{tmp}/rp.{ext}", weight=0.5),
                     SourceConfig(name="stack", path=f"{tmp}/stack.{ext}", text_field="content", weight=0.5)]
             rows.append((f"{ext} -> batches, {kind} in the trainer process", 1, batches(srcs, budget, t.encode)))
+    for n in [int(x) for x in a.num_proc.split(",")]:
+        srcs = [SourceConfig(name="rp", path=f"{tmp}/rp.jsonl", weight=0.5, workers=n),
+                SourceConfig(name="stack", path=f"{tmp}/stack.jsonl", text_field="content", weight=0.5, workers=n)]
+        rows.append((f"jsonl -> batches, HF fast in {n} tokenizer worker{'s' if n > 1 else ''} per source", 2 * n + 1,
+                     batches(srcs, budget, toks["HF fast"][1].encode)))
     for kind, (path, t) in toks.items():
         for n in [int(x) for x in a.num_proc.split(",")]:
             t0 = time.perf_counter()
@@ -137,20 +147,22 @@ def main() -> None:
                                                f"{tmp}/stack.jsonl", text_field=field), path,
                                   f"{tmp}/tok{n}_{name}", num_proc=n, overwrite=True, log=lambda *_: None)
                 tot += idx["num_tokens"]
-            rows.append((f"pretokenize jsonl, {kind}, {n} worker process{'es' if n > 1 else ''}", n,
+            rows.append((f"pretokenize jsonl, {kind}, {n} worker process{'es' if n > 1 else ''}", n + (n > 1),
                          tot / (time.perf_counter() - t0)))
     srcs = [SourceConfig(name="rp", path=f"{tmp}/tok1_rp", weight=0.5),
             SourceConfig(name="stack", path=f"{tmp}/tok1_stack", weight=0.5)]
     rows.append(("pre-tokenized -> batches (memmap read + pack)", 1,
                  batches(srcs, 4 * budget, toks["HF fast"][1].encode)))
 
-    print(f"\n| path | processes | tokens/s | per process | x one H200 base-width step ({GPU_TOKENS_PER_S // 1000}k tok/s) |")
+    cores = os.cpu_count() or 1
+    print(f"\n| path | processes | tokens/s | per core used | x one H200 base-width step ({GPU_TOKENS_PER_S // 1000}k tok/s) |")
     print("|---|---|---|---|---|")
     for name, procs, r in rows:
-        print(f"| {name} | {procs} | {r:,.0f} | {r / procs:,.0f} | {r / GPU_TOKENS_PER_S:.2f}x |")
-    hf = rows[1][2]
+        print(f"| {name} | {procs} | {r:,.0f} | {r / min(procs, cores):,.0f} | {r / GPU_TOKENS_PER_S:.2f}x |")
+    by = {name: r for name, _, r in rows}
+    hf = by["tokenizer only, HF fast (encode per document)"]
     print(f"\nOne H200 trains base width at ~{GPU_TOKENS_PER_S:,} tokens/s: tokenising with the HF fast tokenizer "
-          f"in the trainer's process gives {rows[4][2]:,.0f} tokens/s here; pre-tokenizing needs "
+          f"in the trainer's process gives {by['jsonl -> batches, HF fast in the trainer process']:,.0f} tokens/s here; pre-tokenizing needs "
           f"~{GPU_TOKENS_PER_S / hf:.2f} core(s) of tokenizer time per GPU-second at {hf:,.0f} tokens/s per core.")
     import shutil
 

@@ -15,6 +15,7 @@ from .chat import chat_document
 from .packing import Document, Packer
 from .sources import DataError, DocumentStream, SourceConfig, check_source
 from .tokens import TokenStream
+from .workers import TokenizingStream, can_fork
 
 
 class PackedMixture:
@@ -29,7 +30,9 @@ class PackedMixture:
         self.sources = sources
         for src in sources:
             check_source(src)  # fail at start-up, not at the first batch
-        self.streams = [TokenStream(s) if s.is_tokens() else DocumentStream(s) for s in sources]
+        self.streams = [TokenStream(s) if s.is_tokens()
+                        else TokenizingStream(s, encode) if s.workers > 0 and s.kind == "text" and can_fork()
+                        else DocumentStream(s) for s in sources]
         tok = tokenizer if tokenizer is not None else getattr(encode, "__self__", None)
         for s in self.streams:
             if isinstance(s, TokenStream):
@@ -46,7 +49,7 @@ class PackedMixture:
         i = self.rng.choices(range(len(self.streams)), weights=self.weights)[0]
         ex = self.streams[i].next()
         self.docs_per_source[i] += 1
-        if isinstance(self.streams[i], TokenStream):
+        if isinstance(self.streams[i], (TokenStream, TokenizingStream)):  # ids already
             return Document(ex.tolist())
         if self.sources[i].kind == "chat":
             return chat_document(ex, self.encode)
@@ -59,6 +62,12 @@ class PackedMixture:
                 self.packer.add(self._document())
             rows.append(self.packer.pop())
         return {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+
+    def close(self) -> None:
+        """Stop tokenizer worker processes (they are daemons: they also end with the process)."""
+        for s in self.streams:
+            if isinstance(s, TokenizingStream):
+                s.close()
 
     def state(self) -> dict:
         st = self.rng.getstate()

@@ -50,6 +50,7 @@ class SourceConfig:
     revision: str | None = None  # hub: branch/tag/commit, e.g. refs/convert/parquet
     config: str | None = None  # hub: configuration name (load_dataset's `name`)
     format: str | None = None  # "tokens": a pre-tokenized shard folder (auto-detected by its index.json)
+    workers: int = 0  # text sources: tokenise in this many worker processes (data/workers.py)
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst", ".py"])  # folders
 
     @classmethod
@@ -64,6 +65,8 @@ class SourceConfig:
             raise DataError(f"data source {src.name!r}: weight must be > 0, got {src.weight!r}")
         if src.kind not in ("text", "chat"):
             raise DataError(f"data source {src.name!r}: kind must be 'text' or 'chat', got {src.kind!r}")
+        if not (isinstance(src.workers, int) and src.workers >= 0):
+            raise DataError(f"data source {src.name!r}: workers must be an integer >= 0, got {src.workers!r}")
         if src.format not in (None, "text", "tokens"):
             raise DataError(f"data source {src.name!r}: format must be 'text' or 'tokens', got {src.format!r}")
         return src
