@@ -121,6 +121,18 @@ def test_gated_dataset_says_how_to_get_access(monkeypatch):
         PackedMixture([src], str.split, 8, 1).next_batch()
 
 
+def test_pretokenize_command_reports_hub_errors_in_one_line(monkeypatch, corpus, tmp_path, capsys):
+    import datasets
+
+    monkeypatch.setattr(datasets, "load_dataset", _raise(
+        RuntimeError("Dataset scripts are no longer supported, but found RedPajama-Data-1T.py")))
+    rc = pretokenize_main(["--source", "togethercomputer/RedPajama-Data-1T", "--tokenizer", corpus[1],
+                           "--out", str(tmp_path / "rp"), "--num-proc", "2"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "SlimPajama-627B" in err
+    assert os.listdir(tmp_path) == []  # nothing half-written
+
+
 def test_local_copies_laid_out_like_the_hub(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
