@@ -149,21 +149,25 @@ def main() -> None:
                 tot += idx["num_tokens"]
             rows.append((f"pretokenize jsonl, {kind}, {n} worker process{'es' if n > 1 else ''}", n + (n > 1),
                          tot / (time.perf_counter() - t0)))
-    srcs = [SourceConfig(name="rp", path=f"{tmp}/tok1_rp", weight=0.5),
-            SourceConfig(name="stack", path=f"{tmp}/tok1_stack", weight=0.5)]
+    first = a.num_proc.split(",")[0]
+    srcs = [SourceConfig(name="rp", path=f"{tmp}/tok{first}_rp", weight=0.5),
+            SourceConfig(name="stack", path=f"{tmp}/tok{first}_stack", weight=0.5)]
     rows.append(("pre-tokenized -> batches (memmap read + pack)", 1,
                  batches(srcs, 4 * budget, toks["HF fast"][1].encode)))
 
     cores = os.cpu_count() or 1
-    print(f"\n| path | processes | tokens/s | per core used | x one H200 base-width step ({GPU_TOKENS_PER_S // 1000}k tok/s) |")
+    gpu = f"x one H200 base-width step ({GPU_TOKENS_PER_S // 1000}k tok/s)"
+    print(f"\n| path | processes | tokens/s | per core used | {gpu} |")
     print("|---|---|---|---|---|")
     for name, procs, r in rows:
         print(f"| {name} | {procs} | {r:,.0f} | {r / min(procs, cores):,.0f} | {r / GPU_TOKENS_PER_S:.2f}x |")
     by = {name: r for name, _, r in rows}
     hf = by["tokenizer only, HF fast (encode per document)"]
-    print(f"\nOne H200 trains base width at ~{GPU_TOKENS_PER_S:,} tokens/s: tokenising with the HF fast tokenizer "
-          f"in the trainer's process gives {by['jsonl -> batches, HF fast in the trainer process']:,.0f} tokens/s here; pre-tokenizing needs "
-          f"~{GPU_TOKENS_PER_S / hf:.2f} core(s) of tokenizer time per GPU-second at {hf:,.0f} tokens/s per core.")
+    trainer = by["jsonl -> batches, HF fast in the trainer process"]
+    print(f"\nOne H200 trains base width at ~{GPU_TOKENS_PER_S:,} tokens/s and every rank packs the global "
+          f"batch (W GPUs: W x that per rank). Tokenising with the HF fast tokenizer in the trainer's process "
+          f"gives {trainer:,.0f} tokens/s here; pre-tokenizing needs ~{GPU_TOKENS_PER_S / hf:.2f} core-seconds "
+          f"of tokenisation per GPU-second ({hf:,.0f} tokens/s per core).")
     import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
