@@ -147,6 +147,9 @@ def hub_error(src: SourceConfig, e: BaseException, what: str = "cannot open") ->
             f"{head}: gated dataset. Accept its terms at https://huggingface.co/datasets/{src.path} "
             f"with your account, then authenticate: set HF_TOKEN=<token> or run `huggingface-cli login` "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+    if "compression type zstd not supported" in msgs.lower():  # fsspec without `zstandard`
+        return DataError(f"{head}: .zst files (SlimPajama's jsonl.zst) need the zstandard package: "
+                         f"pip install zstandard")
     return DataError(f"{head}: {type(e).__name__}: {str(e)[:300]}")
 
 

@@ -133,6 +133,18 @@ def test_pretokenize_command_reports_hub_errors_in_one_line(monkeypatch, corpus,
     assert os.listdir(tmp_path) == []  # nothing half-written
 
 
+def test_zst_without_zstandard_says_what_to_install(tmp_path):
+    try:
+        import zstandard  # noqa: F401
+        pytest.skip("zstandard is installed")
+    except ImportError:
+        pass
+    f = tmp_path / "example_train_0.jsonl.zst"  # SlimPajama's file naming
+    f.write_text('{"text": "a"}\n')
+    with pytest.raises(DataError, match="pip install zstandard"):
+        PackedMixture([SourceConfig(name="slim", path=str(f))], str.split, 8, 1).next_batch()
+
+
 def test_local_copies_laid_out_like_the_hub(tmp_path):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
