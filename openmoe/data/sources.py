@@ -6,8 +6,20 @@ A source is described by a SourceConfig. `path` is either
     with data_dir="data/python" as the language filter), loaded with `datasets` in streaming mode;
   - a local file or glob of .jsonl / .json / .json.gz / .jsonl.gz / .parquet files (through
     `datasets` builders, streaming); or
-  - a local folder of plain files (e.g. source code or .txt), each file one document.
+  - a local folder of plain files (e.g. source code or .txt), each file one document; or, with
+    `data_dir` or `config` set, a local copy of a hub dataset repo (`hf download --repo-type dataset`),
+    loaded exactly as the hub name would be;
+  - a folder of pre-tokenized shards written by `python -m openmoe.data.pretokenize` (detected by
+    its `index.json`, or `format: tokens`): read by `tokens.TokenStream`, no tokenizer at train time.
 Streams are resumable: `DocumentStream.state()` is (epoch, documents consumed in this epoch).
+
+Hub corpora as the hub serves them today (`datasets` >= 4 loads no dataset scripts; see
+docs/data.md): RedPajama-1T is script-based, so use its parquet conversion
+(`revision: refs/convert/parquet`, `data_dir: <subset>/partial-train`, a partial copy) or the
+deduplicated successor `cerebras/SlimPajama-627B` (jsonl.zst, needs `zstandard`); The Stack
+(`bigcode/the-stack-dedup`, parquet under `data/<lang>/`) is gated: accept its terms on the dataset
+page and authenticate (HF_TOKEN or `huggingface-cli login`). Both failures become one-line
+DataErrors that say so (`hub_error`).
 """
 
 from __future__ import annotations
@@ -18,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-JSON_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+JSON_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst")  # .zst (SlimPajama): needs zstandard
 PARQUET_EXT = (".parquet",)
 
 
@@ -35,6 +47,10 @@ class SourceConfig:
     kind: str = "text"  # "text" (pre-training) or "chat" (messages / prompt+response)
     data_dir: str | None = None  # hub: sub-folder, e.g. The Stack's data/python
     split: str = "train"
+    revision: str | None = None  # hub: branch/tag/commit, e.g. refs/convert/parquet
+    config: str | None = None  # hub: configuration name (load_dataset's `name`)
+    format: str | None = None  # "tokens": a pre-tokenized shard folder (auto-detected by its index.json)
+    workers: int = 0  # text sources: tokenise in this many worker processes (data/workers.py)
     extensions: list[str] = field(default_factory=lambda: [".txt", ".md", ".rst", ".py"])  # folders
 
     @classmethod
@@ -49,7 +65,17 @@ class SourceConfig:
             raise DataError(f"data source {src.name!r}: weight must be > 0, got {src.weight!r}")
         if src.kind not in ("text", "chat"):
             raise DataError(f"data source {src.name!r}: kind must be 'text' or 'chat', got {src.kind!r}")
+        if not (isinstance(src.workers, int) and src.workers >= 0):
+            raise DataError(f"data source {src.name!r}: workers must be an integer >= 0, got {src.workers!r}")
+        if src.format not in (None, "text", "tokens"):
+            raise DataError(f"data source {src.name!r}: format must be 'text' or 'tokens', got {src.format!r}")
         return src
+
+    def is_tokens(self) -> bool:
+        """A pre-tokenized shard folder (format: tokens, or a folder holding an openmoe index.json)."""
+        from .tokens import is_token_folder
+
+        return self.format == "tokens" or (self.format is None and is_token_folder(self.path))
 
 
 def _is_local(path: str) -> bool:
@@ -66,13 +92,18 @@ def _local_files(src: SourceConfig) -> list[str]:
 
 def check_source(src: SourceConfig) -> None:
     """Cheap start-up check: local paths exist and have a supported type."""
+    if src.is_tokens():
+        from .tokens import read_index
+
+        read_index(src.path, src.name)
+        return
     if _is_local(src.path):
         files = _local_files(src)
         if not (len(files) == 1 and os.path.isdir(files[0])):
             bad = [f for f in files if not f.endswith(JSON_EXT + PARQUET_EXT)]
             if bad:
                 raise DataError(f"data source {src.name!r}: unsupported file type {bad[0]} "
-                                f"(use .jsonl/.json[.gz], .parquet, or a folder of text files)")
+                                f"(use .jsonl/.json[.gz], .jsonl.zst, .parquet, or a folder of text files)")
 
 
 def _iter_folder(src: SourceConfig, folder: str) -> Iterator[dict]:
@@ -86,19 +117,56 @@ def _iter_folder(src: SourceConfig, folder: str) -> Iterator[dict]:
         yield {src.text_field: text, "path": f}
 
 
+def _chain(e: BaseException):
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        yield e
+        e = e.__cause__ or e.__context__
+
+
+def hub_error(src: SourceConfig, e: BaseException, what: str = "cannot open") -> DataError:
+    """One line that names the source and, for the two ways hub corpora fail today, what to do.
+
+    `datasets` >= 4 raises RuntimeError("Dataset scripts are no longer supported, but found X.py")
+    for script-based datasets (RedPajama-1T and its -Sample), and DatasetNotFoundError("Dataset 'X'
+    is a gated dataset on the Hub. ...") from huggingface_hub's GatedRepoError (401: no token, 403:
+    terms not accepted) when opening a gated one (The Stack); the same GatedRepoError can surface
+    later, while streaming a file, as FileNotFoundError("... Cannot access gated repo ...")."""
+    msgs = " | ".join(str(x) for x in _chain(e))
+    names = {type(x).__name__ for x in _chain(e)}
+    head = f"data source {src.name!r}: {what} {src.path}"
+    if "Dataset scripts are no longer supported" in msgs:
+        return DataError(
+            f"{head}: it is a script-based dataset, which datasets>=4 no longer loads. Use its parquet "
+            f"conversion (revision: refs/convert/parquet, data_dir: <config>/partial-train, where the hub "
+            f"has one) or a maintained successor in parquet/jsonl (for RedPajama-1T: cerebras/SlimPajama-627B); "
+            f"see docs/data.md")
+    if "GatedRepoError" in names or any(k in msgs.lower() for k in ("gated dataset", "gated repo")):
+        return DataError(
+            f"{head}: gated dataset. Accept its terms at https://huggingface.co/datasets/{src.path} "
+            f"with your account, then authenticate: set HF_TOKEN=<token> or run `huggingface-cli login` "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})")
+    if "compression type zstd not supported" in msgs.lower():  # fsspec without `zstandard`
+        return DataError(f"{head}: .zst files (SlimPajama's jsonl.zst) need the zstandard package: "
+                         f"pip install zstandard")
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return DataError(f"{head}: {type(e).__name__}: {first}")  # one line
+
+
 def _hf_stream(src: SourceConfig, files: list[str] | None):
     import datasets
 
     try:
         if files is None:  # hub dataset
-            return datasets.load_dataset(src.path, data_dir=src.data_dir, split=src.split, streaming=True)
+            return datasets.load_dataset(src.path, src.config, data_dir=src.data_dir, split=src.split,
+                                         revision=src.revision, streaming=True)
         builder = "parquet" if files[0].endswith(PARQUET_EXT) else "json"
         return datasets.load_dataset(builder, data_files=files, split="train", streaming=True)
     except StopIteration:  # datasets' json builder on a file with no rows
         raise DataError(f"data source {src.name!r}: {src.path} has no examples (empty file?)") from None
     except Exception as e:  # noqa: BLE001 - re-raised with the source named
-        raise DataError(f"data source {src.name!r}: cannot open {src.path}: {type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise hub_error(src, e) from None
 
 
 def raw_examples(src: SourceConfig) -> Iterator[dict]:
@@ -106,22 +174,26 @@ def raw_examples(src: SourceConfig) -> Iterator[dict]:
     if _is_local(src.path):
         check_source(src)
         files = _local_files(src)
-        if len(files) == 1 and os.path.isdir(files[0]):
+        if len(files) == 1 and os.path.isdir(files[0]) and (src.data_dir or src.config):
+            stream = _hf_stream(src, None)  # a local copy of a hub dataset repo: the hub loading path
+        elif len(files) == 1 and os.path.isdir(files[0]):
             yield from _iter_folder(src, files[0])
             return
-        stream = _hf_stream(src, files)
+        else:
+            stream = _hf_stream(src, files)
     else:
         stream = _hf_stream(src, None)
-    it = iter(stream)
+    it = None
     n = 0
     while True:
         try:
+            if it is None:
+                it = iter(stream)
             ex = next(it)
         except StopIteration:
             return
-        except Exception as e:  # noqa: BLE001 - a file that does not parse
-            raise DataError(f"data source {src.name!r}: cannot parse {src.path} after {n} examples: "
-                            f"{type(e).__name__}: {str(e)[:300]}") from None
+        except Exception as e:  # noqa: BLE001 - a file that does not parse (or a gated hub file)
+            raise hub_error(src, e, f"cannot parse (after {n} examples)") from None
         n += 1
         yield ex
 

@@ -6,6 +6,8 @@ itself, as OpenMoE did (umT5's tokenizer would append an eos, and has no BOS).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 
 from .spm import fast_tokenizer
@@ -45,6 +47,25 @@ class TextTokenizer:
             return self.sp.encode(text)
         # Text is text: a `</s>` inside a document is spelled, not read as eos (as sentencepiece does).
         return self.hf(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """encode() of each text in one call, on one thread (processes give the parallelism)."""
+        if self.sp is not None:
+            return self.sp.encode(list(texts), num_threads=1)
+        return self.hf(list(texts), add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+    def fingerprint(self) -> str:
+        """sha256 of what decides the ids: the sentencepiece model proto, or the fast tokenizer's
+        serialised JSON (the vocabulary for a slow one). Pre-tokenized folders record it."""
+        if getattr(self, "_fp", None) is None:
+            if self.sp is not None:
+                data = self.sp.serialized_model_proto()
+            elif getattr(self.hf, "is_fast", False):
+                data = self.hf.backend_tokenizer.to_str().encode()
+            else:
+                data = json.dumps(sorted(self.hf.get_vocab().items())).encode()
+            self._fp = hashlib.sha256(data).hexdigest()
+        return self._fp
 
 
 def train_sentencepiece(texts, prefix: str, vocab_size: int) -> str:

@@ -30,4 +30,21 @@ def test_train_mask_and_state_round_trip():
     a, b = p.pop(), q.pop()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert a["labels"].tolist() == [IGNORE, IGNORE, 6, 7]
-    assert p._labels == [1]  # the eos after a trained token is trained
+    assert p.state()["labels"] == [1]  # the eos after a trained token is trained
+
+
+def test_long_document_rows_and_state_match_row_by_row():
+    # a document many rows long: positions restart at 0 in each row, the state is the leftover
+    p = Packer(seq_len=4)
+    p.add(Document(list(range(10, 20))))  # 0 10..19 1 -> 12 tokens
+    p.add(Document([30]))
+    rows = []
+    while p.ready():
+        rows.append(p.pop())
+    assert [r["input_ids"].tolist() for r in rows] == [[0, 10, 11, 12], [13, 14, 15, 16], [17, 18, 19, 1]]
+    assert all(r["position_ids"].tolist() == [0, 1, 2, 3] for r in rows)
+    assert p.state() == {"ids": [0, 30, 1], "labels": [IGNORE, 30, 1], "pos": [0, 1, 2]}
+    q = Packer(seq_len=4)
+    q.add(Document(list(range(10, 16))))  # 0 10..15 1 -> 8 tokens; leftover 13 14 15 1
+    q.pop()
+    assert q.state()["pos"] == [0, 1, 2, 3]  # the cut document restarts at 0 in the saved state too
