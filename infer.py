@@ -131,8 +131,7 @@ def load(args):
     try:
         tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"infer.py: no usable tokenizer in {tok_dir!r} ({type(e).__name__}); "
-                         f"pass --tokenizer DIR") from None
+        raise ValueError(f"{tok_dir}: no usable tokenizer ({type(e).__name__}); pass --tokenizer DIR") from None
     tokenizer.padding_side = "left"
     dtype = getattr(torch, args.dtype)
     kw = dict(dtype=dtype, attn_implementation=args.attn_implementation)
@@ -151,7 +150,7 @@ def load(args):
         try:
             load_adapter(model, args.adapter)
         except ValueError as e:
-            raise SystemExit(f"infer.py: {e}") from None
+            raise ValueError(f"--adapter {args.adapter}: {e}") from None
         model.eval()
     if args.device == "cuda":
         model = model.to("cuda")
@@ -328,7 +327,7 @@ def _main(args) -> int:
     elif sys.stdin.isatty():
         stats = interactive(args, model, tokenizer)
     else:
-        raise SystemExit("infer.py: give --prompt or --input (stdin is not a terminal for interactive chat)")
+        raise ValueError("give --prompt or --input (stdin is not a terminal for interactive chat)")
     if args.stats:
         print(" | ".join(f"{k} {v:.1f}" for k, v in stats.items()), file=sys.stderr)
     return 0

@@ -140,8 +140,9 @@ def test_cli_errors(tmp_path, model_dir):
         infer.generate(args, model, tok, ["the cat " * 20])
     nontok = tmp_path / "notok"
     model.save_pretrained(nontok)
-    with pytest.raises(SystemExit, match="tokenizer"):
+    with pytest.raises(ValueError, match="tokenizer"):
         infer.load(_args(nontok))
+    assert infer.main([str(nontok), "--prompt", "x"]) == 2  # one line, exit 2, as every bad input
 
 
 def test_infer_on_train_py_export_and_colossalai_folder(tmp_path, model_dir):

@@ -258,6 +258,9 @@ class DirLock:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self):  # an object dropped without release() must not keep the folder locked
+        self.release()
+
     def __enter__(self):
         return self.acquire()
 

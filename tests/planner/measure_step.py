@@ -46,6 +46,7 @@ def measure(flags: list[str], steps: int) -> int:
     for _ in range(steps):
         t.train_step()
     peak = _status("VmHWM")
+    t.close()  # the out_dir lock: the next measurement uses the same folder
     del t
     gc.collect()
     return peak - base
