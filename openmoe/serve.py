@@ -1,6 +1,6 @@
 """An OpenAI-compatible server for an OpenMoE folder: `transformers serve`, able to load it.
 
-    python -m openmoe.serve MODEL_DIR [--port 8000] [--continuous-batching] [...]
+    openmoe-serve MODEL_DIR [--port 8000] [--continuous-batching] [...]   # or python -m openmoe.serve
 
 takes every option of `transformers serve` (`/v1/completions`, `/v1/chat/completions` with
 streaming, `/v1/models`, `/health`); the server, chat template, streaming and batching are
@@ -103,6 +103,10 @@ def _with_checks(build_server, served: str):
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):
+        print("usage: openmoe-serve MODEL_DIR [options of `transformers serve`, listed by "
+              "`transformers serve --help`]\n\n" + __doc__.split("\n\n", 1)[1])
+        return 0
     if not argv or argv[0].startswith("-") or not os.path.isdir(argv[0]):
         print("usage: python -m openmoe.serve MODEL_DIR [transformers serve options]; "
               f"MODEL_DIR must be a model folder{f', not {argv[0]!r}' if argv else ''}", file=sys.stderr)

@@ -19,7 +19,7 @@ from conftest import tiny_config
 sys.path.insert(0, str(Path(__file__).parent / "checkpoint"))
 from t5x_fixture import random_params, write_checkpoint  # noqa: E402
 
-import convert_jax_checkpoint as cli  # noqa: E402
+from openmoe.cli import convert as cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BF16 = "decoder/layers_1/mlp/expert/wo/kernel"

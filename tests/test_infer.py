@@ -15,7 +15,7 @@ from openmoe.generation import CHAT_TEMPLATE, clean_output, encode_prompts, ensu
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import infer  # noqa: E402
+from openmoe.cli import infer  # noqa: E402
 
 
 @pytest.fixture(scope="module")

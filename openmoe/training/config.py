@@ -18,51 +18,51 @@ class ConfigError(ValueError):
 @dataclass
 class TrainConfig:
     # model: a config folder/json (fresh weights) or init_from an HF folder (converted/published)
-    model: str | None = None
-    model_overrides: dict = field(default_factory=dict)
-    init_from: str | None = None
+    model: str | None = None  # model config folder/json (fresh weights), or use init_from
+    model_overrides: dict = field(default_factory=dict)  # model config fields (--model_overrides.NAME)
+    init_from: str | None = None  # an HF folder (converted/published/exported) to start from
     tokenizer: str | None = None  # HF tokenizer folder/name or sentencepiece .model
     # data
     data: list = field(default_factory=list)  # SourceConfig dicts
-    seq_len: int = 2048
+    seq_len: int = 2048  # tokens per packed row (<= max_position_embeddings)
     batch_size: int = 8  # per micro-batch
-    grad_accum: int = 1
-    seed: int = 0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # weights, data mixture sampling and noise
     # optimisation
-    steps: int = 1000
+    steps: int = 1000  # optimizer steps
     optimizer: str = "adamw"  # adamw | adafactor
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    betas: list = field(default_factory=lambda: [0.9, 0.95])
+    lr: float = 3e-4  # peak learning rate
+    min_lr_ratio: float = 0.1  # final lr / peak lr (cosine, linear)
+    weight_decay: float = 0.1  # decoupled (AdamW); Adafactor's own rule
+    betas: list = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
     schedule: str = "cosine"  # cosine | linear | constant
-    warmup_steps: int = 100
-    clip_grad: float = 1.0
+    warmup_steps: int = 100  # linear warm-up from 0
+    clip_grad: float = 1.0  # global grad-norm clip (0: off)
     freeze: list = field(default_factory=list)  # router, experts, embeddings, attention, mlp, norms, lm_head
     precision: str = "auto"  # auto | fp32 | bf16 (autocast)
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute each decoder layer in backward
     # torch.compile each decoder layer (fullgraph; the MoE routing has no host syncs or graph
     # breaks). The first steps pay the compilation; numerics equal eager's to rounding.
-    compile: bool = False
+    compile: bool = False  # torch.compile each decoder layer (fullgraph)
     device: str = "auto"  # auto | cpu | cuda
     cpu_retain_memory: bool = True  # on CPU keep freed memory mapped for reuse (utils.hardware.retain_freed_memory)
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
     # checkpoints and logs
-    out_dir: str = "out/train"
-    save_every: int = 200
-    keep_last: int = 2
-    log_every: int = 10
+    out_dir: str = "out/train"  # checkpoints, metrics.jsonl, final/ (locked while a run uses it)
+    save_every: int = 200  # steps between checkpoints
+    keep_last: int = 2  # checkpoints kept
+    log_every: int = 10  # steps between log lines / metrics rows
     peak_tflops: float | None = None  # for MFU; measured on this device when not given
-    tensorboard: bool = True
-    export_final: bool = True
+    tensorboard: bool = True  # also write TensorBoard events (needs tensorboard)
+    export_final: bool = True  # write out_dir/final, an HF folder, at the end
     # parameter-efficient fine-tuning (openmoe/peft): frozen base, LoRA adapter through PEFT
-    peft: str | None = None  # lora
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    peft: str | None = None  # lora: train a LoRA adapter on a frozen base
+    lora_rank: int = 8  # LoRA rank r
+    lora_alpha: float = 16.0  # LoRA scale alpha (scaling alpha / r)
     lora_dropout: float = 0.0  # must be 0 with router/experts targets (PEFT target_parameters)
-    lora_targets: list = field(default_factory=lambda: ["attention", "mlp", "extra_mlp", "experts"])
+    lora_targets: list = field(default_factory=lambda: ["attention", "mlp", "extra_mlp", "experts"])  # or + router
     merge: bool = False  # also export out_dir/final: the adapter merged into the base
     quantize: str | None = None  # 4bit | 8bit: QLoRA through bitsandbytes (CUDA)
     # memory planner (openmoe/planner)
@@ -72,10 +72,10 @@ class TrainConfig:
     # FSDP2 shard group size, dividing the world size: 1 (off), the world size (non-expert params
     # sharded over all ranks) or in between (hybrid sharding, HSDP: sharded over groups of fsdp
     # consecutive ranks, replicated over the world / fsdp groups; experts replicated over dp)
-    fsdp: int = 1
+    fsdp: int = 1  # FSDP2 shard group size: 1 off, world: FSDP, between: HSDP
     # with fsdp = world and dp > 1: also shard each EP rank's experts over its dp replicas with FSDP2
     # (hierarchical EP x FSDP; expert grads reduced over dp only). false: experts replicated over dp
-    fsdp_experts: bool = True
+    fsdp_experts: bool = True  # with fsdp = world and dp > 1: shard each EP rank's experts over dp
 
     def validate(self) -> "TrainConfig":
         def bad(key, msg):
@@ -140,6 +140,32 @@ class TrainConfig:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         return self
+
+
+def key_help() -> list[tuple[str, str, str, str]]:
+    """(key, type, default, help) of every TrainConfig field, read from the class itself: the
+    type and default from the dataclass, the help from the field's trailing comment (a test
+    checks every field has one), so `train.py --help` cannot drift from the config."""
+    import inspect
+
+    hints = typing.get_type_hints(TrainConfig)
+    comments = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        name = line.strip().split(":", 1)[0]
+        if name in hints and "  # " in line:
+            comments[name] = line.split("  # ", 1)[1].strip()
+    rows = []
+    for f in dataclasses.fields(TrainConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f.name, _type_name(hints[f.name]), json.dumps(default), comments.get(f.name, "")))
+    return rows
+
+
+def keys_text() -> str:
+    """The keys block of `train.py --help`."""
+    rows = key_help()
+    w = max(len(k) + len(t) for k, t, _, _ in rows) + 6
+    return "\n".join(f"  --{k} {t.upper()}".ljust(w) + f" {h} (default {d})" for k, t, d, h in rows)
 
 
 def _type_name(typ) -> str:

@@ -10,8 +10,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-import infer  # noqa: E402
-import train  # noqa: E402
+from openmoe.cli import infer  # noqa: E402
+from openmoe.cli import train  # noqa: E402
 from helpers import arg  # noqa: E402
 
 LORA = ["--peft", "lora", "--lora_rank", "4", "--lora_alpha", "8", "--lr", "1e-2",

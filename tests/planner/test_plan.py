@@ -19,7 +19,7 @@ from openmoe.planner.memory import Workload, plan_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from openmoe.cli import train  # noqa: E402
 
 N_8B = 11_855_046_656  # README / reference: parameters of OpenMoE-8B from the tensor shapes
 
@@ -75,7 +75,7 @@ def test_kept_assignments_by_hand():
 def test_plan_of_8b_runs_in_seconds_without_allocating_its_weights():
     code = ("import re, sys, time, pathlib; sys.path.insert(0, '.');"
             "st=lambda k: int(re.search(k + r':\\s+(\\d+)', pathlib.Path('/proc/self/status').read_text()).group(1));"
-            "import train, openmoe.planner.cli; base = st('VmRSS'); t = time.time();"
+            "from openmoe.cli import train; import openmoe.planner.cli; base = st('VmRSS'); t = time.time();"
             "rc = train.main(['--model', 'configs/8b', '--plan', '--peft', 'lora', '--quantize', '4bit',"
             " '--seq_len', '2048', '--batch_size', '1', '--precision', 'bf16', '--device', 'cuda',"
             " '--activation_checkpointing', 'true', '--device_memory', '24GB']);"

@@ -16,7 +16,7 @@ from openmoe.training import Trainer, TrainingDiverged, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402
+from openmoe.cli import train  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def test_overrides_go_through_the_model_config_validation(run_setup):
 def test_cli_refuses_seq_len_beyond_positions_before_writing(run_setup, capsys, monkeypatch):
     monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
     sys.path.insert(0, str(ROOT))
-    import train
+    from openmoe.cli import train
 
     assert train.main(run_setup + ["--seq_len", "128"]) == 2
     err = capsys.readouterr().err
@@ -62,3 +62,19 @@ def test_cli_refuses_seq_len_beyond_positions_before_writing(run_setup, capsys, 
     assert train.main(run_setup + ["--model_overrides.num_expert", "8"]) == 2
     assert "did you mean num_experts?" in capsys.readouterr().err
     assert not (out / "train_config.json").exists()
+
+
+def test_help_lists_every_key_with_type_default_and_help(capsys):
+    import dataclasses
+
+    from openmoe.cli import train
+    from openmoe.training.config import TrainConfig, key_help
+
+    rows = key_help()
+    assert [r[0] for r in rows] == [f.name for f in dataclasses.fields(TrainConfig)]
+    assert all(h for _, _, _, h in rows), [k for k, _, _, h in rows if not h]  # a new field needs a comment
+    with pytest.raises(SystemExit):
+        train.main(["--help"])
+    out = capsys.readouterr().out
+    for key, typ, default, _ in rows:
+        assert f"--{key} {typ.upper()}" in out and f"(default {default})" in out

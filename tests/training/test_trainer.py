@@ -133,7 +133,7 @@ def test_packed_documents_do_not_attend_across(tiny):
 def test_cli_errors_are_one_line_and_exit_2(run_setup, extra, msg, capsys, monkeypatch):
     monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
     sys.path.insert(0, str(ROOT))
-    import train
+    from openmoe.cli import train
 
     assert train.main(run_setup + extra) == 2  # in-process: the same main() the CLI runs
     err = capsys.readouterr().err
@@ -152,7 +152,7 @@ def test_infer_runs_on_the_exported_folder(run_setup, capsys):
     t.setup()
     final = t.train()
     sys.path.insert(0, str(ROOT))
-    import infer
+    from openmoe.cli import infer
 
     assert infer.main([str(final), "--prompt", "def f", "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip() != ""

@@ -76,7 +76,7 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 def test_locked_or_unwritable_out_dir_is_one_line(run_setup, capsys, monkeypatch):
     monkeypatch.setenv("OPENMOE_NO_TQDM", "1")
     sys.path.insert(0, str(ROOT))
-    import train
+    from openmoe.cli import train
 
     out = Path(run_setup[run_setup.index("--out_dir") + 1])
     with DirLock(out):  # another run holds it
