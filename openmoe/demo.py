@@ -105,6 +105,12 @@ def main(argv=None) -> None:
     final = trainer.train()
     losses = [json.loads(line)["lm_loss"] for line in open(out / "train" / "metrics.jsonl")]
     print(f"      loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (mean of the last {cfg.log_every} steps)")
+    try:
+        from .plot import plot_run
+
+        print(f"      plots: {', '.join(p.name for p in plot_run(out / 'train'))} in {out / 'train' / 'plots'}")
+    except ValueError as e:  # matplotlib not installed: the demo goes on without plots
+        print(f"      plots: skipped ({e})")
 
     model = AutoModelForCausalLM.from_pretrained(final).eval()
     tok = AutoTokenizer.from_pretrained(final)

@@ -8,7 +8,8 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["openmoe-train", "openmoe-infer", "openmoe-convert", "openmoe-serve", "openmoe-pretokenize"]
+COMMANDS = ["openmoe-train", "openmoe-infer", "openmoe-convert", "openmoe-serve", "openmoe-pretokenize",
+            "openmoe-plot"]
 
 
 def test_wheel_installs_console_commands_that_run(tmp_path):
