@@ -1,6 +1,6 @@
 """OpenMoeConfig: the HF configuration of an OpenMoE decoder.
 
-Defaults are OpenMoE-base. Shapes and rules: ../shared/docs/openmoe-reference.md, sections 1-3.
+Defaults are OpenMoE-base. Sizes and rules: docs/openmoe-numerics.md, sections 1-3.
 The config also reads the ColossalAI PyTorch layout (`model_type: "llama"` plus OpenMoE fields),
 mapping its field names to ours (see `_COLOSSALAI_FIELDS`).
 """

@@ -1,6 +1,6 @@
 """OpenMoE decoder for HF transformers: attention, decoder layer, OpenMoeModel, OpenMoeForCausalLM.
 
-The forward pass is the Jax original's (openmoe-reference.md, section 2): RoPE over the full
+The forward pass is the Jax original's (docs/openmoe-numerics.md, section 2): RoPE over the full
 head_dim, softmax scale 1.0, three-way gated MLPs, MoE every N-th layer followed by an extra
 dense MLP, untied float32 logits, and id 0 as a BOS that is attended to.
 """
@@ -409,7 +409,8 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
 
 
 def bos_aware_attention_mask(input_ids: torch.Tensor, pad_id: int | None = 0) -> torch.Tensor:
-    """1 for real tokens, 0 for padding, where the pad id doubles as BOS (reference section 2.7)."""
+    """1 for real tokens, 0 for padding, where the pad id doubles as BOS
+    (docs/openmoe-numerics.md, section 2)."""
     if pad_id is None:
         return torch.ones_like(input_ids)
     is_pad = input_ids == pad_id

@@ -1,4 +1,4 @@
-"""An independent, deliberately naive OpenMoE forward written from openmoe-reference.md (section 2)
+"""An independent, deliberately naive OpenMoE forward following docs/openmoe-numerics.md (section 2)
 for checking the model: per-head, per-token loops, no HF code, dropless routing."""
 
 import math

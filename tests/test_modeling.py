@@ -122,7 +122,7 @@ def test_generation_with_cache_equals_without(tiny):
 
 def test_decode_steps_route_alone_and_never_drop(tiny):
     # t5x at decode: each step's B tokens are padded to E and routed in E groups of one with
-    # capacity >= 4 (reference section 3), so no generated token is dropped.
+    # capacity >= 4 (docs/openmoe-numerics.md, section 3), so no generated token is dropped.
     cfg = tiny(capacity_policy="t5x", capacity_factor_eval=0.5, min_capacity=4)
     m = make_model(cfg)
     out = m(ids_batch(3, 6), use_cache=True)

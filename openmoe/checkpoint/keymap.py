@@ -3,7 +3,7 @@
 Each rule is (HF name, T5X name under `target/`, op); `{i}` is the layer index. T5X stores 2-D
 kernels as [in, out], so they are transposed into torch's Linear [out, in]; the stacked expert
 kernels are [E, in, out] and are used as `x @ W[e]` by both, so they are copied; the router
-kernel [H, E] becomes `gate_weight` [E, H]. (openmoe-reference.md, section 4.)
+kernel [H, E] becomes `gate_weight` [E, H]. (docs/openmoe-numerics.md, section 5.)
 
 Which rules apply to a model (dense vs MoE layers) is not decided here: the model's own
 parameter list is mapped through the table, so the two can never drift apart.

@@ -6,7 +6,7 @@
 A folder `checkpoint_<step>/` holds `checkpoint` (flax msgpack: `{'version': 3, 'optimizer':
 {'target': {...parameters...}, 'state': {...Adafactor...}}}`) and one Zarr v2 folder per
 partitioned array, named in the msgpack by a tensorstore spec. Parameters under `target` are
-read; the optimizer state is never read (openmoe-reference.md, section 5).
+read; the optimizer state is never read (docs/openmoe-numerics.md, section 5).
 
 Opening a checkpoint reads only the msgpack structure and every array's `.zarray`, so names,
 shapes and dtypes are known, and checked, before any data is touched.

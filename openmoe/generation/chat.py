@@ -1,4 +1,4 @@
-"""OpenMoE chat format and prompt handling (openmoe-reference.md, section 6).
+"""OpenMoE chat format and prompt handling (docs/openmoe-numerics.md, section 6).
 
 Chat prompt: `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n<s>[INST] {query} [/INST]`, where `<s>` is plain
 text for the umT5 tokenizer. Later turns follow Llama-2: ` {answer}</s><s>[INST] {query} [/INST]`.

@@ -1,6 +1,6 @@
 """Experts: stacked weights and the backends that run them over expert-contiguous tokens.
 
-OpenMoE's expert is the three-way gated MLP of the reference (section 2):
+OpenMoE's expert is the three-way gated MLP (docs/openmoe-numerics.md, section 2):
     a, b = split(x @ wi_gate, 2);  y = (a * silu(b) * (x @ wi_up)) @ wo
 with wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (the T5X / ColossalAI layout, used as
 x @ W[e] with no transpose, so checkpoints load as they are).

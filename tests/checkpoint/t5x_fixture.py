@@ -155,8 +155,8 @@ def _poisoned_state(params: dict) -> dict:
 
 
 def t5x_shapes(cfg) -> dict[str, tuple[int, ...]]:
-    """T5X name -> shape of an OpenMoE decoder, written from the reference (section 4), not
-    from our key map: kernels [in, out], experts [E, in, out], router [H, E]."""
+    """T5X name -> shape of an OpenMoE decoder, written from the T5X layout (docs/openmoe-numerics.md,
+    section 5), not from our key map: kernels [in, out], experts [E, in, out], router [H, E]."""
     V, H, I, E = cfg.vocab_size, cfg.hidden_size, cfg.intermediate_size, cfg.num_experts
     A, KV = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     s = {"token_embedder/embedding": (V, H)}

@@ -30,7 +30,7 @@ def test_round_trip_hf_t5x_hf_covers_the_model(cfg):
 
 
 def test_reference_table_ops():
-    # openmoe-reference.md section 4, row by row
+    # docs/openmoe-numerics.md section 5, row by row
     assert to_hf("token_embedder/embedding") == ("model.embed_tokens.weight", COPY)
     assert to_hf("decoder/layers_7/self_attention/query/kernel") == ("model.layers.7.self_attn.q_proj.weight", TRANSPOSE)
     assert to_hf("decoder/layers_7/self_attention/out/kernel") == ("model.layers.7.self_attn.o_proj.weight", TRANSPOSE)
