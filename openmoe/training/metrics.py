@@ -104,14 +104,18 @@ def expert_stats(tokens_per_expert: torch.Tensor, dropped: torch.Tensor,
     return out
 
 
-def missing_backends(tensorboard: bool, wandb: str | None) -> str | None:
-    """The one-line reason a logger asked for cannot be used (None: all available)."""
+def installed(package: str) -> bool:
     import importlib.util
 
-    if tensorboard and importlib.util.find_spec("tensorboard") is None:
+    return importlib.util.find_spec(package) is not None
+
+
+def missing_backends(tensorboard: bool, wandb: str | None) -> str | None:
+    """The one-line reason a logger asked for cannot be used (None: all available)."""
+    if tensorboard and not installed("tensorboard"):
         return ("tensorboard=true: the tensorboard package is not installed (pip install tensorboard, "
                 "or --tensorboard false)")
-    if wandb and importlib.util.find_spec("wandb") is None:
+    if wandb and not installed("wandb"):
         return f"wandb={wandb!r}: the wandb package is not installed (pip install wandb, or drop the wandb key)"
     return None
 
