@@ -103,8 +103,9 @@ def main(argv=None) -> None:
     trainer = Trainer(cfg)
     trainer.setup()
     final = trainer.train()
-    losses = [json.loads(line)["lm_loss"] for line in open(out / "train" / "metrics.jsonl")]
-    print(f"      loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (mean of the last {cfg.log_every} steps)")
+    rows = [json.loads(line) for line in open(out / "train" / "metrics.jsonl")]
+    losses = [r["lm_loss"] for r in rows if "lm_loss" in r]  # step rows (not eval or balancer rows)
+    print(f"      lm_loss {losses[0]:.3f} (step 1) -> {losses[-1]:.3f} (mean of the last {cfg.log_every} steps)")
     try:
         from .plot import plot_run
 

@@ -4,7 +4,7 @@
 
 writes into RUN_DIR/plots (or --out): loss.png (loss, lm_loss and every eval loss), lr.png,
 speed.png (tokens/s and MFU), drop_rate.png (per MoE layer) and expert_load.png (one heat map
-per MoE layer: tokens per expert over steps, as a multiple of that step's mean, so 1.0 is a
+per MoE layer: tokens routed to each expert over steps, as a multiple of that step's mean, so 1.0 is a
 perfectly balanced expert). Each file is written to a temporary name and renamed.
 """
 
@@ -107,8 +107,9 @@ def plot_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) -
         _save(fig, out / "drop_rate.png")
         plt.close(fig)
         written.append(out / "drop_rate.png")
-    steps, maps = expert_load(rows, "routed_tokens_per_expert" if any(r.get("routed_tokens_per_expert")
-                                                                       for r in rows) else "tokens_per_expert")
+    # the router's choices before capacity where the run logged them, else the kept counts
+    routed = any(r.get("routed_per_expert") for r in rows)
+    steps, maps = expert_load(rows, "routed_per_expert" if routed else "tokens_per_expert")
     if maps:
         fig, axes = plt.subplots(len(maps), 1, figsize=(8, 1.2 + 1.6 * len(maps)), squeeze=False)
         for layer, (ax, grid) in enumerate(zip(axes[:, 0], maps)):

@@ -2,6 +2,7 @@
 
     python train.py --config configs/train/tiny_demo.yaml [--key value ...] [--resume]
     python train.py --config ... --plan [--device_memory 80GB]   # memory plan per rank; loads nothing
+    python train.py --init_from DIR --eval_data '[...]' --eval_only  # eval loss/ppl per source, no training
 
 Every key of the YAML (see openmoe/training/config.py: TrainConfig) can be overridden with
 `--key value`, model config fields with `--model_overrides.NAME value`.
@@ -33,9 +34,14 @@ def main(argv=None) -> int:
                     help="resume from a checkpoint without manifest.json (its DCP .metadata is a pickle: only "
                          "checkpoints you wrote yourself)")
     ap.add_argument("--debug", action="store_true", help="print the traceback of an error too")
+    ap.add_argument("--eval_only", nargs="?", const="true", default=None,
+                    help="evaluate init_from (or the checkpoint with --resume) on eval_data: print and write "
+                         "eval/<source>/loss and /ppl to metrics.jsonl, no training (same as --eval_only true)")
     args, rest = ap.parse_known_args(argv)
     if args.plan is not None:
         rest = rest + ["--plan", args.plan]
+    if args.eval_only is not None:
+        rest = rest + ["--eval_only", args.eval_only]
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # its parse errors come back as one DataError line
 
@@ -55,7 +61,10 @@ def main(argv=None) -> int:
             trainer = Trainer(cfg, resume=args.resume, verify=not args.no_verify,
                               trust_checkpoint=args.trust_checkpoint)
             trainer.setup()
-            trainer.train()
+            if cfg.eval_only:
+                trainer.eval_only()
+            else:
+                trainer.train()
             _close_process_group()
         except TrainingDiverged as e:
             print(f"train.py: {e}", file=sys.stderr)

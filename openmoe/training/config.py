@@ -55,7 +55,13 @@ class TrainConfig:
     keep_last: int = 2  # checkpoints kept
     log_every: int = 10  # steps between log lines / metrics rows
     peak_tflops: float | None = None  # for MFU; measured on this device when not given
-    tensorboard: bool = True  # also write TensorBoard events (needs tensorboard)
+    tensorboard: bool = False  # also write TensorBoard events (needs tensorboard; missing: an error at start)
+    wandb: str | None = None  # Weights & Biases project to log to (needs wandb; missing: an error at start)
+    # evaluation: held-out sources, each scored on its own (eval/<name>/loss, eval/<name>/ppl)
+    eval_data: list = field(default_factory=list)  # SourceConfig dicts of held-out data (not trained on)
+    eval_every: int = 0  # steps between evaluations (0: only with --eval_only); also at the last step
+    eval_batches: int = 4  # batches of batch_size rows per eval source (the same rows every time)
+    eval_only: bool = False  # evaluate init_from/model on eval_data, print and write metrics, no training
     export_final: bool = True  # write out_dir/final, an HF folder, at the end
     # parameter-efficient fine-tuning (openmoe/peft): frozen base, LoRA adapter through PEFT
     peft: str | None = None  # lora: train a LoRA adapter on a frozen base
@@ -88,7 +94,7 @@ class TrainConfig:
                   "ep", "fsdp", "lora_rank"):
             if getattr(self, k) < 1:
                 bad(k, "must be a positive integer")
-        for k in ("warmup_steps", "balance_every", "seed"):
+        for k in ("warmup_steps", "balance_every", "seed", "eval_every"):
             if getattr(self, k) < 0:
                 bad(k, "must be >= 0")
         if self.world is not None and self.world < 1:
@@ -128,8 +134,19 @@ class TrainConfig:
                 bad(k, "must be a list of names")
         if not all(isinstance(s, dict) for s in self.data):
             bad("data", "must be a list of source mappings ({name:, path:, ...})")
-        if not self.data and not self.plan:  # a plan needs no data
+        if not self.data and not self.plan and not self.eval_only:  # a plan needs no data
             bad("data", "no data sources")
+        if self.eval_batches < 1:
+            bad("eval_batches", "must be a positive integer")
+        if not all(isinstance(s, dict) for s in self.eval_data):
+            bad("eval_data", "must be a list of source mappings ({name:, path:, ...})")
+        if (self.eval_every or self.eval_only) and not self.eval_data:
+            bad("eval_data", "no eval sources: give eval_data (held-out sources) for eval_every / --eval_only")
+        names = [s.get("name") for s in self.eval_data]
+        if len(set(names)) != len(names):
+            bad("eval_data", "source names must be unique (they name the metrics eval/<name>/loss)")
+        if self.wandb is not None and not self.wandb.strip():
+            bad("wandb", "must name a project")
         check_model_overrides(self.model_overrides)
         from ..peft.checks import check_peft_fields
         from ..planner.layout import check_plan_fields

@@ -8,6 +8,7 @@ averaged over micro-batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import shutil
@@ -26,12 +27,13 @@ from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallel
 from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
 from ..utils.cli import DirLock, atomic_write_text
-from ..utils.hardware import default_dtype, matmul_peak, retain_freed_memory
+from ..utils.hardware import default_dtype, measured_peak, retain_freed_memory
 from ..utils.manifest import verify_manifest, write_manifest
 from . import checkpoint as ckpt
 from .compile import compile_layers
 from .config import ConfigError, TrainConfig, dump_config, model_config
-from .metrics import MetricsSink, expert_stats, flops_per_token, mfu
+from .metrics import (MetricsSink, executed_flops, expert_params, expert_stats, flops_per_token,
+                      missing_backends, routed_per_expert)
 from .optim import build_optimizer, freeze, lr_lambda
 
 # what train_step logs of the model's losses, in this order (the total first, then its parts)
@@ -75,7 +77,10 @@ class Trainer:
         cfg = self.cfg
         if self.ps.is_main:
             self.lock.acquire()  # a second run on the same out_dir stops here, with a clear line
-        if not self.resume and ckpt.list_checkpoints(self.ckpt_dir):
+        why = missing_backends(cfg.tensorboard, cfg.wandb) if self.ps.is_main and not cfg.eval_only else None
+        if why:  # asked for and missing: said at start, not after the model is loaded (or never)
+            raise ConfigError(why)
+        if not self.resume and not cfg.eval_only and ckpt.list_checkpoints(self.ckpt_dir):
             raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
                               f"or choose another --out_dir")
         from ..peft.training import preflight
@@ -121,7 +126,9 @@ class Trainer:
         # Every rank draws the same global batch and keeps its slice: the data position is one
         # state for all ranks, and a run's data do not depend on how it is parallelised.
         self.data = PackedMixture(sources, self.tokenizer.encode, cfg.seq_len, cfg.batch_size * self.ps.world,
-                                  cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
+                                  cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id) if sources else None
+        self.eval_sources = [SourceConfig.from_dict({**dict(s), "weight": 1.0}) for s in cfg.eval_data]
+        self._eval_cache = None
         from ..parallel.balance import ExpertBalancer
 
         self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log)
@@ -146,7 +153,9 @@ class Trainer:
             from ..peft import lora_flops_per_token
 
             self.flops_per_token = lora_flops_per_token(self.model, cfg.seq_len)
-        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else matmul_peak(self.amp_dtype, self.device) * 1e9
+        # the expert part of flops_per_token: what a dropped assignment does not cost
+        self.expert_flops_per_token = (4 if cfg.peft else 6) * expert_params(self.model)
+        peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak(self.amp_dtype, self.device) * 1e9
         self.peak_flops = peak
         local = [(p.to_local() if is_sharded(p) else p, p.requires_grad) for p in self.model.parameters()]
         n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
@@ -166,7 +175,7 @@ class Trainer:
         self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
                  f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
                  f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
-                 f"({'given' if cfg.peak_tflops else 'measured matmul'})"
+                 f"({'given' if cfg.peak_tflops else 'best measured matmul'})"
                  + (", freed CPU memory kept for reuse" if self.retained_memory else ""))
         if self.ps.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -220,11 +229,11 @@ class Trainer:
         # averages over ranks, hence the factor world.
         total_targets = max(1, int(self._all_sum([sum(n_targets)])[0])) / self.ps.world
         A = len(batches)
-        tpe, dropped, sums = None, None, None
+        tpe, dropped, sums, routed = None, None, None, None
         for b, n in zip(batches, n_targets):
             with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
                 out = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"], labels=b["labels"],
-                                 use_cache=False)
+                                 use_cache=False, output_router_logits=True)
             share = n / total_targets
             loss = out.lm_loss * share + (out.loss - out.lm_loss) / A
             loss.backward()
@@ -236,6 +245,10 @@ class Trainer:
             if out.tokens_per_expert is not None:
                 self.balancer.observe(out.tokens_per_expert)
                 tpe = out.tokens_per_expert if tpe is None else tpe + out.tokens_per_expert
+                if out.router_logits:  # before capacity: what the router asked of each expert
+                    mc = self.model.config
+                    r = routed_per_expert(out.router_logits, mc.num_experts_per_tok, mc.num_experts)
+                    routed = r if routed is None else routed + r
                 dropped = out.dropped_fraction / A if dropped is None else dropped + out.dropped_fraction / A
         agg = dict(zip(LOSS_KEYS, sums.tolist()))
         if not math.isfinite(agg["loss"]):  # checked before the update: the weights stay as they were
@@ -259,7 +272,11 @@ class Trainer:
                 dist.all_reduce(tpe)
                 dist.all_reduce(dropped)
                 dropped = dropped / self.ps.world
-            agg.update(expert_stats(tpe, dropped))
+                if routed is not None:
+                    dist.all_reduce(routed)
+            agg.update(expert_stats(tpe, dropped, routed))
+            agg["kept_fraction"] = (float(tpe.sum()) / max(1, float(routed.sum())) if routed is not None
+                                    else 1.0 - float(dropped.float().mean()))
         return agg
 
     def _kept(self) -> str:
@@ -280,16 +297,105 @@ class Trainer:
         finally:
             self.lock.release()
 
+    def _sink(self, start_step: int | None):
+        """metrics.jsonl and the loggers asked for (rank 0 only; None elsewhere)."""
+        if not self.ps.is_main:
+            return None
+        try:
+            return MetricsSink(self.out, self.cfg.tensorboard, self.cfg.wandb, start_step=start_step,
+                               config=dataclasses.asdict(self.cfg))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def _check_peak(self, rate: float) -> None:
+        """A window faster than the measured peak means the peak read low (a busy or cold start):
+        measure again and keep the higher figure. A given peak_tflops is left as it is."""
+        if self.cfg.peak_tflops or rate <= self.peak_flops:
+            return
+        new = max(self.peak_flops, measured_peak(self.amp_dtype, self.device) * 1e9)
+        self.log(f"step {self.step} | measured peak {self.peak_flops / 1e12:.3f} TFLOP/s was below the achieved "
+                 f"{rate / 1e12:.3f}: measured again, peak now {new / 1e12:.3f} TFLOP/s")
+        self.peak_flops = new
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_batches(self) -> dict[str, list[dict]]:
+        """The first eval_batches global batches of every eval source (drawn once, then reused:
+        every evaluation scores the same rows)."""
+        if self._eval_cache is None:
+            mc, cfg = self.model.config, self.cfg
+            self._eval_cache = {}
+            for src in self.eval_sources:
+                mix = PackedMixture([src], self.tokenizer.encode, cfg.seq_len, cfg.batch_size * self.ps.world,
+                                    cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
+                try:
+                    self._eval_cache[src.name] = [mix.next_batch() for _ in range(cfg.eval_batches)]
+                finally:
+                    mix.close()
+        return self._eval_cache
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Per eval source: `eval/<name>/loss`, the mean next-token cross-entropy over every target
+        token of its eval batches (the model in eval mode), and `eval/<name>/ppl` = exp(loss)."""
+        was_training = self.model.training
+        self.model.eval()
+        bs, r = self.cfg.batch_size, self.ps.rank
+        res = {}
+        try:
+            for name, batches in self._eval_batches().items():
+                total = count = 0.0
+                for gb in batches:
+                    b = {k: v[r * bs:(r + 1) * bs].to(self.device) for k, v in gb.items()}
+                    n = int((b["labels"][:, 1:] != IGNORE).sum())
+                    with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+                        out = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"],
+                                         labels=b["labels"], use_cache=False)
+                    if n:
+                        total += float(out.lm_loss) * n
+                        count += n
+                total, count = self._all_sum([total, count])
+                loss = total / max(count, 1.0)
+                res[f"eval/{name}/loss"] = loss
+                res[f"eval/{name}/ppl"] = math.exp(min(loss, 700.0))
+        finally:
+            self.model.train(was_training)
+        return res
+
+    def _log_eval(self, res: dict, sink) -> None:
+        if sink is not None:
+            sink.write({"step": self.step, **res})
+        parts = [f"{n} loss {res[f'eval/{n}/loss']:.4f} ppl {res[f'eval/{n}/ppl']:.2f}"
+                 for n in (s.name for s in self.eval_sources)]
+        self.log(f"eval step {self.step} | " + " | ".join(parts))
+
+    def eval_only(self) -> dict:
+        """--eval_only: evaluate the loaded model (init_from / model, or the checkpoint resumed
+        from), print the figures and append them to metrics.jsonl; no training, no export."""
+        if self.ps.is_main:
+            self.lock.acquire()
+        sink = self._sink(None)
+        try:
+            res = self.evaluate()
+            self._log_eval(res, sink)
+            return res
+        finally:
+            if sink is not None:
+                sink.close()
+            self.lock.release()
+
     def _train(self) -> Path | None:
         cfg = self.cfg
-        sink = MetricsSink(self.out, cfg.tensorboard and self.ps.is_main)
+        if self.data is None:
+            raise ConfigError("data: no data sources to train on")
+        # a resumed run rewrites metrics.jsonl from its checkpoint's step, a fresh run from 0
+        sink = self._sink(self.step)
         # Test hooks: SIGKILL this process at a step (only rank OPENMOE_TEST_KILL_RANK if set).
         kill_at = int(os.environ.get("OPENMOE_TEST_KILL_AT_STEP", "-1"))
         if os.environ.get("OPENMOE_TEST_KILL_RANK", str(self.ps.rank)) != str(self.ps.rank):
             kill_at = -1
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=os.environ.get("OPENMOE_NO_TQDM") == "1" or not self.ps.is_main)
-        t_last, tokens_since = time.perf_counter(), 0
+        t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
         window: dict[str, float] = {}  # sums of the scalar metrics since the last log line
         try:
             while self.step < cfg.steps:
@@ -303,34 +409,43 @@ class Trainer:
                     self.log(f"step {self.step} | expert placement: max/mean rank load "
                              f"{[round(r['max_over_mean_before'], 3) for r in report]} -> "
                              f"{[round(r['max_over_mean_after'], 3) for r in report]}")
-                    if self.ps.is_main:
+                    if sink is not None:
                         sink.write({"step": self.step, "rank_load_before": [r["max_over_mean_before"] for r in report],
                                     "rank_load_after": [r["max_over_mean_after"] for r in report]})
                 tokens_since += m["tokens"]
+                flops_since += executed_flops(m["tokens"], self.flops_per_token, self.expert_flops_per_token,
+                                              m.get("kept_fraction", 1.0))
                 for k in ("loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss", "grad_norm"):
                     window[k] = window.get(k, 0.0) + m[k]
                 window["n"] = window.get("n", 0) + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{m['lm_loss']:.3f}", aux=f"{m['aux_loss']:.3f}")
+                bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm_loss']:.3f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
                     dt = time.perf_counter() - t_last
                     tps = tokens_since / dt
+                    self._check_peak(flops_since / dt / self.ps.world)
                     n = window.pop("n")
                     # losses are means over the steps since the last line (the logged step included)
                     rec = {"step": self.step, **{k: v / n for k, v in window.items()}, "lr": lr,
                            "tokens_per_s": tps,
-                           "mfu": mfu(tps, self.flops_per_token, self.peak_flops, self.ps.world)}
+                           "mfu": flops_since / dt / (self.peak_flops * self.ps.world)}
                     window = {}
-                    for k in ("expert_load_max_over_mean", "drop_rate", "tokens_per_expert"):
+                    for k in ("expert_load_max_over_mean", "kept_load_max_over_mean", "drop_rate",
+                              "tokens_per_expert", "routed_per_expert"):
                         if k in m:
                             rec[k] = m[k]
-                    if self.ps.is_main:
+                    if sink is not None:
                         sink.write(rec)
-                    self.log(f"step {self.step} | loss {rec['lm_loss']:.4f} | aux {rec['aux_loss']:.4f} | "
-                             f"z {rec['router_z_loss']:.4f} | lr {lr:.2e} | gnorm {rec['grad_norm']:.2f} | "
-                             f"tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | load max/mean "
-                             f"{rec.get('expert_load_max_over_mean')} | drop {rec.get('drop_rate')}")
-                    t_last, tokens_since = time.perf_counter(), 0
+                    self.log(f"step {self.step} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                             f"aux {rec['aux_loss']:.4f} | z {rec['router_z_loss']:.4f} | lr {lr:.2e} | "
+                             f"gnorm {rec['grad_norm']:.2f} | tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | "
+                             f"load max/mean routed {rec.get('expert_load_max_over_mean')} kept "
+                             f"{rec.get('kept_load_max_over_mean')} | drop {rec.get('drop_rate')}")
+                    t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
+                if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                    t_eval = time.perf_counter()
+                    self._log_eval(self.evaluate(), sink)
+                    t_last += time.perf_counter() - t_eval  # evaluation time is not training throughput
                 if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                     bad = ckpt.non_finite(self.model, self.optimizer, self.ps)
                     if bad is not None:  # a diverged update is never saved: the newest checkpoint stays good
@@ -341,7 +456,8 @@ class Trainer:
                               self.ps)
         finally:
             bar.close()
-            sink.close()
+            if sink is not None:
+                sink.close()
         return self.export() if cfg.export_final else None
 
     def export(self) -> Path:
