@@ -21,6 +21,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import MoeCausalLMOutputWithPast, MoeModelOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_openmoe import OpenMoeConfig
 from .losses import lm_and_z_loss
@@ -258,17 +260,18 @@ class OpenMoeModel(OpenMoePreTrainedModel):
     def set_input_embeddings(self, value):
         self.embed_tokens = value
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, use_cache: bool | None = None, output_attentions: bool | None = None,
-                output_hidden_states: bool | None = None, past_key_values: Cache | None = None,
-                **kwargs) -> OpenMoeModelOutputWithPast:
+                output_hidden_states: bool | None = None, **kwargs) -> OpenMoeModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("OpenMoeModel: give exactly one of input_ids or inputs_embeds")
-        cache = cache if cache is not None else past_key_values
         use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
         output_hidden_states = bool(output_hidden_states if output_hidden_states is not None
                                     else self.config.output_hidden_states)
-        output_attentions = bool(output_attentions)
+        output_attentions = bool(output_attentions if output_attentions is not None
+                                 else self.config.output_attentions)
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if inputs_embeds is None:
@@ -329,18 +332,19 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return self.lm_head
 
+    @can_return_tuple
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache: Cache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None,
                 output_router_logits: bool | None = None, output_attentions: bool | None = None,
                 output_hidden_states: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
-                past_key_values: Cache | None = None, return_dict: bool | None = None,
                 **kwargs) -> OpenMoeCausalLMOutputWithPast:
         cfg = self.config
         output_router_logits = output_router_logits if output_router_logits is not None else cfg.output_router_logits
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds,
-                         use_cache=use_cache, output_attentions=output_attentions,
-                         output_hidden_states=output_hidden_states, **kwargs)
+                         cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True, **kwargs)
         hidden = out.last_hidden_state
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
@@ -366,7 +370,7 @@ class OpenMoeForCausalLM(OpenMoePreTrainedModel, GenerationMixin):
             lm_loss=lm_loss, router_z_loss=router_z, output_z_loss=output_z,
             tokens_per_expert=torch.stack([m.tokens_per_expert for m in moe]) if moe else None,
             dropped_fraction=torch.stack([m.dropped_fraction for m in moe]) if moe else None)
-        return result if return_dict is not False else result.to_tuple()
+        return result
 
     def generate(self, *args, **kwargs):
         """GenerationMixin.generate, also stopping on `</s>` spelled as text whenever a tokenizer
