@@ -9,6 +9,7 @@ module is skipped. See hf_loader.py for the files the sdist lacks and what stand
 
 from __future__ import annotations
 
+import os
 import unittest
 
 import pytest
@@ -30,6 +31,15 @@ from transformers.models.auto import modeling_auto  # noqa: E402
 from transformers.testing_utils import require_torch, torch_device  # noqa: E402
 
 from openmoe import OpenMoeConfig, OpenMoeForCausalLM, OpenMoeModel  # noqa: E402
+
+# HF runs its FSDP/HSDP distributed tests only for an allowlist of model types (to save its CI
+# time), and only with as many workers as CPU cores; both are HF's budget, not a property of the
+# model: OpenMoE joins the list, and the 4-rank HSDP cases run as gloo processes on any CPU.
+import hf_tests.test_fsdp_mixin as _fsdp_mixin  # noqa: E402
+
+_fsdp_mixin.FSDP_DISTRIBUTED_TEST_MODEL_TYPES = set(_fsdp_mixin.FSDP_DISTRIBUTED_TEST_MODEL_TYPES) | {"openmoe"}
+if _fsdp_mixin._get_distributed_device_type() == "cpu":
+    _fsdp_mixin._get_available_fsdp_workers = lambda: max(4, os.cpu_count() or 1)
 
 # HF's mixins pick labels and skip cases by class name, from the auto mappings' name tables, where a
 # model of the library is listed (models/auto/modeling_auto.py); a model registered at run time
@@ -129,6 +139,16 @@ class OpenMoeModelTest(ModelTesterMixin, GenerationTesterMixin, FSDPTesterMixin,
     # A token's MoE layer output depends on the other tokens of its routing group (capacity), and
     # an expert that no token picked gets no gradient: HF's own MoE testers set the same.
     test_all_params_have_gradient = False
+
+    def _get_tiny_config(self):
+        # The FSDP/HSDP tests compare the loss of the whole batch on one device with the mean of
+        # the ranks' losses. OpenMoE's load-balance loss is a batch statistic (fraction routed x
+        # mean router probability, per routing group), so it does not split over ranks: under data
+        # parallelism each rank's groups are its own tokens, as in the original's t5x training,
+        # and the one-device value differs by ~2e-5 relative (measured). The comparison runs on the
+        # decomposable part of the objective; the aux loss itself is checked by the other tests.
+        config_class, config = super()._get_tiny_config()
+        return config_class, {**config, "router_aux_loss_coef": 0.0}
 
     def setUp(self):
         self.model_tester = OpenMoeModelTester(self)
