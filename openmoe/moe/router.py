@@ -189,38 +189,6 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
-def _losses_without_padding(logits_BSE: torch.Tensor, mask_BS: torch.Tensor, top_k: int,
-                            policy: CapacityPolicy) -> tuple[torch.Tensor, torch.Tensor]:
-    """(load-balance loss, z-loss) of a padded batch, as the same batch without its padding gives.
-
-    t5x groups are consecutive blocks of the [B, S] layout, so padding would move real tokens
-    into other groups. Here each row's real tokens move to its front (order kept) and the rows are
-    cut to the longest real row, [B, L]; the losses are those of route() on that layout (t5x zero
-    tokens and groups as for any [B, L] batch), rows shorter than L masked at their end. A batch
-    whose rows are all real is unchanged (L = S), so an all-ones mask equals no mask; left, right
-    or extra padding all give the same loss (HF's load_balancing_loss_func convention: padding
-    is excluded). One host sync (L) per call, in training with a padding mask only."""
-    B, S, E = logits_BSE.shape
-    order_BS = torch.argsort((~mask_BS).to(torch.int8), dim=1, stable=True)  # real tokens first
-    L = max(int(mask_BS.sum(dim=1).max()), 1)
-    order_BL = order_BS[:, :L]
-    logits_BLE = logits_BSE.gather(1, order_BL[..., None].expand(B, L, E))
-    mask_BL = mask_BS.gather(1, order_BL)
-    rows, cols = t5x_padding(B, L, E)
-    if rows or cols:
-        logits_BLE = torch.nn.functional.pad(logits_BLE, (0, 0, 0, cols, 0, rows))
-        mask_BL = torch.nn.functional.pad(mask_BL, (0, cols, 0, rows), value=True)
-    logits_TE = logits_BLE.reshape(-1, E)
-    T = logits_TE.shape[0]
-    w_T = mask_BL.reshape(T).float()
-    probs_TE = _softmax(logits_TE)
-    expert_TK = top_k_experts(probs_TE, top_k)
-    num_groups = t5x_num_groups(T, policy.max_group_size, E)
-    aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
-    z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
-    return aux, z
-
-
 def route(
     logits_BSE: torch.Tensor,
     top_k: int,
@@ -283,12 +251,9 @@ def route(
     # but not tokens masked as padding.
     aux = z = None
     if compute_losses:  # skipped at inference: a dozen small ops per layer and decode step
-        if token_mask_BS is not None and policy.name == "t5x":
-            aux, z = _losses_without_padding(logits_BSE[:B, :S], token_mask_BS.bool(), top_k, policy)
-        else:
-            w_T = mask_T.float()
-            aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
-            z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
+        w_T = mask_T.float()
+        aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
+        z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
 
     def real(t):  # drop the t5x zero tokens by slicing (no boolean-mask host sync)
         return t.reshape(Bp, Sp, *t.shape[1:])[:B, :S].reshape(B * S, *t.shape[1:])

@@ -161,8 +161,15 @@ class OpenMoeModelTest(ModelTesterMixin, GenerationTesterMixin, FSDPTesterMixin,
         self.model_tester.create_and_check_model(*self.model_tester.prepare_config_and_inputs())
 
     def test_load_balancing_loss(self):
-        """HF's Mixtral test: the load-balancing loss is ~top_k for a fresh router, padding masked by
-        attention_mask leaves it unchanged, and padding that is not masked changes it."""
+        """HF's Mixtral test, with OpenMoE's grouping: the load-balancing loss is ~top_k for a fresh
+        router, padding masked by attention_mask adds nothing to it, and unmasked padding changes it.
+
+        HF's version prepends 1000 masked pad tokens and expects the same loss. OpenMoE's t5x loss is
+        computed per routing group, and groups are consecutive blocks of the [B, S] batch padding
+        included, as in the original (its masked tokens count in no sum, but they shift the group
+        boundaries). Making the loss independent of padding would need the real-token count on the
+        host (a sync per MoE layer, which the training step must not have) and would depart from the
+        original, so that part of HF's test does not apply."""
         config, input_dict = self.model_tester.prepare_config_and_inputs_for_common()
         config.output_router_logits = True
         pad = config.pad_token_id
@@ -175,14 +182,11 @@ class OpenMoeModelTest(ModelTesterMixin, GenerationTesterMixin, FSDPTesterMixin,
         torch.testing.assert_close(result.aux_loss.cpu(), torch.tensor(float(config.num_experts_per_tok)),
                                    rtol=1e-1, atol=1e-1)
 
-        # left padding masked out: the loss is unchanged
+        # masked padding counts in no sum (tests/moe/test_router.py::test_masked_tokens_take_no_capacity
+        # and the hand cases); here: prepended padding that is not masked changes the loss
         pad_length = 1000
         padding_block = torch.full((B, pad_length), pad, dtype=input_ids.dtype, device=torch_device)
         padded_input_ids = torch.cat((padding_block, input_ids), dim=1)
-        padded_attention_mask = torch.cat((torch.zeros_like(padding_block), attention_mask), dim=1)
-        padded_result = model(padded_input_ids, attention_mask=padded_attention_mask)
-        torch.testing.assert_close(result.aux_loss.cpu(), padded_result.aux_loss.cpu(), rtol=1e-4, atol=1e-4)
-
         # without the mask the padding counts, and the loss changes
         include_padding_result = model(padded_input_ids, attention_mask=None)
         self.assertNotAlmostEqual(include_padding_result.aux_loss.item(), result.aux_loss.item())
