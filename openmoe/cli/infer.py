@@ -101,16 +101,15 @@ def check_model_dir(args) -> None:
     has one: train.py and convert_jax_checkpoint.py write it) and config.json, blamed by name."""
     import openmoe  # noqa: F401
     from openmoe import OpenMoeConfig
+    from openmoe.utils.cli import read_json_object
     from openmoe.utils.manifest import verify_manifest
 
     if not args.no_verify:
         verify_manifest(args.model_dir, required=False)
     cfg_file = Path(args.model_dir) / "config.json"
     try:
-        d = json.loads(cfg_file.read_text())
-        if not isinstance(d, dict):
-            raise ValueError("expected a JSON object")
-    except (ValueError, UnicodeDecodeError) as e:
+        read_json_object(cfg_file)
+    except ValueError as e:  # bad JSON, bad UTF-8, not an object
         raise ValueError(f"{cfg_file}: not a valid config ({e})") from None
     try:
         OpenMoeConfig.from_pretrained(args.model_dir)

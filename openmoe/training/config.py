@@ -244,6 +244,7 @@ def model_config(cfg: "TrainConfig"):
     with model_overrides applied BEFORE OpenMoeConfig's own validation, and seq_len checked
     against max_position_embeddings. Raises ConfigError naming the source or override."""
     from ..configuration_openmoe import OpenMoeConfig
+    from ..utils.cli import read_json_object
 
     src = cfg.init_from or cfg.model
     key = "init_from" if cfg.init_from else "model"
@@ -252,9 +253,7 @@ def model_config(cfg: "TrainConfig"):
     if not file.is_file():
         raise ConfigError(f"{key} {src}: no such file or folder (or no config.json in it)")
     try:
-        d = json.loads(file.read_text())
-        if not isinstance(d, dict):
-            raise ValueError("expected a JSON object")
+        d = read_json_object(file)
     except (OSError, ValueError) as e:
         raise ConfigError(f"{key} {src}: {file} is not a valid config ({e})") from None
     check_model_overrides(cfg.model_overrides)

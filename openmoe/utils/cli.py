@@ -189,6 +189,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """A JSON file holding an object (a config): ValueError for bad JSON, bad UTF-8 or another
+    JSON type, OSError for an unreadable file; callers name the file in their message."""
+    import json
+
+    d = json.loads(Path(path).read_text())
+    if not isinstance(d, dict):
+        raise ValueError("expected a JSON object")
+    return d
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "w") as f:
