@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-hf demo bench clean
+.PHONY: install test test-hf test-lm-eval demo bench clean
 
 install: $(STAMP)
 
@@ -34,6 +34,18 @@ test-hf: $(STAMP)
 	  rm -rf $(HF_TESTS).tmp; }
 	HF_HUB_OFFLINE=1 OPENMOE_HF_TESTS=$(HF_TESTS)/tests $(PY) -m pytest -q -p no:cacheprovider tests/hf_suite
 
+# lm-evaluation-harness on an exported folder (tests/test_lm_eval.py). lm-eval pulls ~35 packages, so
+# it lives in its own venv layered over $(VENV) (a .pth adds $(VENV)'s site-packages after its own):
+# torch and transformers are shared, nothing is installed into $(VENV).
+EVAL_VENV := .venv-eval
+LM_EVAL := lm-eval==0.4.13
+test-lm-eval: $(STAMP)
+	@test -f $(EVAL_VENV)/.installed || { rm -rf $(EVAL_VENV) && $(PYTHON) -m venv $(EVAL_VENV) && \
+	  $(EVAL_VENV)/bin/python -c "import site; print('$(abspath $(VENV))/lib/python%d.%d/site-packages' % __import__('sys').version_info[:2])" \
+	    > "$$($(EVAL_VENV)/bin/python -c 'import site; print(site.getsitepackages()[0])')/openmoe-base-venv.pth" && \
+	  $(EVAL_VENV)/bin/python -m pip install -q "$(LM_EVAL)" && touch $(EVAL_VENV)/.installed; }
+	HF_HUB_OFFLINE=1 $(EVAL_VENV)/bin/python -m pytest -q -p no:cacheprovider tests/test_lm_eval.py
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m openmoe.demo --out out/demo
 
@@ -41,4 +53,4 @@ bench: $(STAMP)
 	$(PY) bench/moe_layer.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(EVAL_VENV) out
