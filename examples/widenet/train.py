@@ -240,84 +240,117 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def build_model(args, xtr: torch.Tensor, num_classes: int, world: int) -> tuple[torch.nn.Module, WideNet, int]:
+    """The full WideNet on every rank (same seed), then with world > 1 each rank keeps its slice of
+    the experts and DDP wraps the rest. Returns (the model to call, the plain WideNet inside, the
+    full model's parameter count)."""
+    try:
+        capacity = float(args.capacity)
+    except ValueError:
+        capacity = args.capacity
+    torch.manual_seed(args.seed)  # same seed everywhere: every rank builds the same full model
+    inner = WideNet(image_size=xtr.shape[-1], patch_size=args.patch_size or 4, in_channels=xtr.shape[1],
+                    num_classes=num_classes, hidden=args.hidden, layers=args.layers, heads=args.heads,
+                    num_experts=args.experts, top_k=args.top_k, capacity=capacity,
+                    intermediate_size=args.mlp_ratio * args.hidden,
+                    aux_loss=args.aux_loss, dropout=args.dropout)
+    n_params = sum(p.numel() for p in inner.parameters())
+    if world == 1:
+        return inner, inner, n_params
+    from torch.nn.parallel import DistributedDataParallel
+
+    from openmoe.moe import ddp_ignore_experts, expert_parallel
+
+    if args.experts % world:
+        raise SystemExit(f"--experts {args.experts} must be a multiple of the world size {world}")
+    expert_parallel(inner)  # rank r keeps experts [r*E/world, (r+1)*E/world)
+    ddp_ignore_experts(inner)
+    return DistributedDataParallel(inner), inner, n_params
+
+
+def build_optimizer(inner: torch.nn.Module, args) -> torch.optim.Optimizer:
+    def decays(name, p):  # matrices decay; biases, norms, cls token and positions do not
+        return p.dim() >= 2 and name not in ("pos_embed", "cls_token")
+
+    decay = [p for n, p in inner.named_parameters() if decays(n, p)]
+    no_decay = [p for n, p in inner.named_parameters() if not decays(n, p)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+
+
+def lr_schedule(lr: float, total: int, warmup: int):
+    def lr_at(step):  # linear warmup, cosine decay to 0
+        if step < warmup:
+            return lr * (step + 1) / warmup
+        return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+
+    return lr_at
+
+
+def train_epoch(model, opt, lr_at, step: int, xtr, ytr, args, epoch: int, rank: int, world: int):
+    """One pass over the training set; returns (step, stats [loss sum, aux sum, samples] and the
+    experts' load, summed over ranks)."""
+    g = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same shuffle on every rank
+    stats = torch.zeros(3, dtype=torch.float64)
+    load = torch.zeros(args.experts, dtype=torch.float64)
+    for idx in global_batches(len(ytr), args.batch_size, torch.randperm(len(ytr), generator=g)):
+        if len(idx) < world:
+            continue
+        mine = idx[rank::world]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step)
+        logits, aux, load_LE = model(xtr[mine])
+        # sum over my samples / global batch * world: DDP's mean over ranks (and the 1/world on
+        # expert grads) then gives exactly the gradient of the global batch's mean loss
+        ce = F.cross_entropy(logits, ytr[mine], reduction="sum") / len(idx) * world
+        loss = ce if aux is None else ce + aux
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        step += 1
+        n = len(mine)
+        stats += torch.tensor([ce.item() * len(idx) / world, (aux.item() if aux is not None else 0.0) * n, n],
+                              dtype=torch.float64)
+        load += load_LE.sum(0).double()
+    return step, all_sum(stats, world), all_sum(load, world)
+
+
+def save_run(out_dir: str, inner, args, num_classes: int, acc: float, elapsed: float, history: list,
+             rank: int, world: int) -> None:
+    state = full_state_dict(inner, world)  # collective
+    if rank == 0:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": state, "args": vars(args), "num_classes": num_classes,
+                    "patch_size": args.patch_size or 4}, out / "model.pt")
+        (out / "metrics.json").write_text(json.dumps(
+            {"final_test_accuracy": acc, "train_seconds": elapsed, "world": world, "history": history}, indent=1))
+
+
 def main(argv=None) -> float:
     args = parse_args(argv)
     rank, world = init_distributed()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     log = print if rank == 0 else (lambda *a, **k: None)
-    try:
-        capacity = float(args.capacity)
-    except ValueError:
-        capacity = args.capacity
 
     (xtr, ytr), (xte, yte), num_classes = load_data(args.data, args.image_size)
-    patch = args.patch_size or 4
-    torch.manual_seed(args.seed)  # same seed everywhere: every rank builds the same full model
-    model = WideNet(image_size=xtr.shape[-1], patch_size=patch, in_channels=xtr.shape[1],
-                    num_classes=num_classes, hidden=args.hidden, layers=args.layers, heads=args.heads,
-                    num_experts=args.experts, top_k=args.top_k, capacity=capacity,
-                    intermediate_size=args.mlp_ratio * args.hidden,
-                    aux_loss=args.aux_loss, dropout=args.dropout)
-    n_params = sum(p.numel() for p in model.parameters())
-    inner = model
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        from openmoe.moe import ddp_ignore_experts, expert_parallel
-
-        if args.experts % world:
-            raise SystemExit(f"--experts {args.experts} must be a multiple of the world size {world}")
-        expert_parallel(inner)  # rank r keeps experts [r*E/world, (r+1)*E/world)
-        ddp_ignore_experts(inner)
-        model = DistributedDataParallel(inner)
+    model, inner, n_params = build_model(args, xtr, num_classes, world)
     log(f"WideNet: {args.layers} blocks sharing 1 attention + 1 MoE ({args.experts} experts, top-{args.top_k}), "
-        f"hidden {args.hidden}, patch {patch}, {n_params:,} parameters; data {args.data}: "
+        f"hidden {args.hidden}, patch {args.patch_size or 4}, {n_params:,} parameters; data {args.data}: "
         f"{len(ytr)} train / {len(yte)} test, {num_classes} classes; world {world} (EP={world})")
 
-    def decays(name, p):  # matrices decay; biases, norms, cls token and positions do not
-        return p.dim() >= 2 and name not in ("pos_embed", "cls_token")
-
-    decay = [p for n, p in inner.named_parameters() if decays(n, p)]
-    no_decay = [p for n, p in inner.named_parameters() if not decays(n, p)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr)
+    opt = build_optimizer(inner, args)
     # drop a last global batch too small to give every rank a sample (same choice on all ranks)
     steps_per_epoch = sum(1 for i in range(0, len(ytr), args.batch_size) if len(ytr) - i >= world)
-    total, warmup = steps_per_epoch * args.epochs, int(args.warmup_epochs * steps_per_epoch)
-
-    def lr_at(step):  # linear warmup, cosine decay to 0
-        if step < warmup:
-            return args.lr * (step + 1) / warmup
-        return args.lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(total - warmup, 1)))
+    total = steps_per_epoch * args.epochs
+    lr_at = lr_schedule(args.lr, total, int(args.warmup_epochs * steps_per_epoch))
 
     step, acc, t0 = 0, 0.0, time.perf_counter()
     history = []
     for epoch in range(1, args.epochs + 1):
         te = time.perf_counter()
-        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)  # same shuffle on every rank
-        stats = torch.zeros(3, dtype=torch.float64)  # [loss sum, aux sum, samples]
-        load = torch.zeros(args.experts, dtype=torch.float64)
-        for idx in global_batches(len(ytr), args.batch_size, torch.randperm(len(ytr), generator=g)):
-            if len(idx) < world:
-                continue
-            mine = idx[rank::world]
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            logits, aux, load_LE = model(xtr[mine])
-            # sum over my samples / global batch * world: DDP's mean over ranks (and the 1/world on
-            # expert grads) then gives exactly the gradient of the global batch's mean loss
-            ce = F.cross_entropy(logits, ytr[mine], reduction="sum") / len(idx) * world
-            loss = ce if aux is None else ce + aux
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            n = len(mine)
-            stats += torch.tensor([ce.item() * len(idx) / world, (aux.item() if aux is not None else 0.0) * n, n],
-                                  dtype=torch.float64)
-            load += load_LE.sum(0).double()
-        stats, load = all_sum(stats, world), all_sum(load, world)
+        step, stats, load = train_epoch(model, opt, lr_at, step, xtr, ytr, args, epoch, rank, world)
         acc = evaluate(inner, xte, yte, args.eval_batch_size, rank, world)
         frac = load / load.sum().clamp_min(1)
         routed = stats[2].item() * (inner.num_patches + 1) * args.layers * args.top_k  # token-expert assignments
@@ -332,15 +365,7 @@ def main(argv=None) -> float:
 
     elapsed = time.perf_counter() - t0
     if args.out:
-        state = full_state_dict(inner, world)  # collective
-        if rank == 0:
-            out = Path(args.out)
-            out.mkdir(parents=True, exist_ok=True)
-            torch.save({"model": state, "args": vars(args), "num_classes": num_classes, "patch_size": patch},
-                       out / "model.pt")
-            (out / "metrics.json").write_text(json.dumps(
-                {"final_test_accuracy": acc, "train_seconds": elapsed, "world": world,
-                 "history": history}, indent=1))
+        save_run(args.out, inner, args, num_classes, acc, elapsed, history, rank, world)
     log(f"training time {elapsed:.1f}s ({world} process{'es' if world > 1 else ''})")
     log(f"final test accuracy {acc:.4f}", flush=True)
     if world > 1:
