@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 def _worker(rank, world, port, args, out):
     import torch.distributed as dist
 
-    from openmoe.moe import MoELayer, expert_parallel, set_expert_layout
+    from openmoe.moe import MoELayer
+    from openmoe.parallel import expert_parallel, set_expert_layout
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // world))
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from transformers.configuration_utils import PreTrainedConfig
 
+from .moe.kernels import AUTO, KERNELS
 from .moe.router import CAPACITY_POLICIES
 
 # ColossalAI config field -> our field. Their values win only when ours is not given too.
@@ -116,8 +117,8 @@ class OpenMoeConfig(PreTrainedConfig):
              "must be a non-negative integer")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "must be positive")
         need(self.hidden_act == "silu", "hidden_act", "OpenMoE's gated MLP uses silu")
-        need(self.experts_implementation_name in ("auto", "grouped_mm", "eager"), "experts_implementation_name",
-             "choose 'grouped_mm' or 'eager'")
+        need(self.experts_implementation_name in (AUTO, *KERNELS), "experts_implementation_name",
+             f"choose one of {(AUTO, *KERNELS)}")
         for f in ("router_aux_loss_coef", "router_z_loss_coef", "output_z_loss_coef", "router_jitter_noise"):
             v = getattr(self, f)
             need(isinstance(v, (int, float)) and v >= 0, f, "must be a non-negative number")

@@ -26,7 +26,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .configuration_openmoe import OpenMoeConfig
 from .losses import lm_and_z_loss
-from .moe.experts import gated_mlp
+from .moe.expert_types import gated_mlp
 from .moe.layer import MoELayer, MoEOutput
 from .moe.noise import RouterNoise
 from .moe.router import CapacityPolicy

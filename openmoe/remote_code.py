@@ -30,8 +30,9 @@ UPCYCLED_AUTO_MAP = {
 }
 
 _HERE = Path(__file__).resolve().parent
-_MOE = ("kernels", "router", "experts", "expert_types", "noise", "dispatch", "layer")
-# bundle -> (top-level modules, moe/ modules): what each kind of folder needs to import
+# bundle -> (top-level modules, moe/ modules): exactly what each kind of folder imports (a folder
+# loaded with trust_remote_code holds only those, and saves them again)
+_MOE = ("kernels", "router", "expert_types", "noise", "dispatch", "layer")
 _BUNDLES = {
     "openmoe": (("configuration_openmoe", "modeling_openmoe", "losses", "remote_code"), _MOE),
     "upcycled": (("modeling_upcycled", "remote_code"), _MOE + ("upcycle",)),

@@ -259,7 +259,7 @@ def build_model(args, xtr: torch.Tensor, num_classes: int, world: int) -> tuple[
         return inner, inner, n_params
     from torch.nn.parallel import DistributedDataParallel
 
-    from openmoe.moe import ddp_ignore_experts, expert_parallel
+    from openmoe.parallel import ddp_ignore_experts, expert_parallel
 
     if args.experts % world:
         raise SystemExit(f"--experts {args.experts} must be a multiple of the world size {world}")

@@ -1,15 +1,16 @@
-"""Expert sets for the general MoE layer, besides OpenMoE's own (experts.OpenMoeExperts).
+"""The expert sets of the MoE layer: forward(x_NH sorted by expert, counts_E) -> y_NH, and
+shard_(lo, hi) keeps experts [lo, hi) only (expert parallelism).
 
-Every expert set has the same contract as OpenMoeExperts: forward(x_NH sorted by expert,
-counts_E) -> y_NH, and shard_(lo, hi) keeps experts [lo, hi) only (expert parallelism).
-
+  OpenMoeExperts  (a * silu(b) * (x @ wi_up)) @ wo, a, b = split(x @ wi_gate)   (OpenMoE's own)
   SwiGLUExperts   silu(x @ w_gate) * (x @ w_up) @ w_down           (Llama / Mixtral / Qwen)
+  GatedExperts    act(x @ w_gate) * (x @ w_up) @ w_down, any act   (GeGLU; sparse upcycling)
   MLPExperts      act(x @ w_in + b_in) -> dropout -> @ w_out + b_out (GPT-2 / BERT / ViT)
   ModuleExperts   E copies of any user nn.Module, run one by one (correct, slower)
 
-The stacked ones write their math once, `ffn(x, linear)`, against a `linear(x, weight, bias)`
-whose matmul is either one grouped GEMM over all experts' rows or a plain per-expert loop
-(experts.loop_mm): the loop is the reference, and the two cannot drift apart.
+The stacked ones (StackedExperts) write their math once, `ffn(x, linear)`, against a
+`linear(x, weight, bias)` whose matmul is the kernel moe/kernels.py chooses: one grouped GEMM over
+all experts' rows, or the per-expert loop (the reference), so the two cannot drift apart.
+`build_experts` makes one from the name MoELayer's `experts=` takes (EXPERT_TYPES).
 """
 
 from __future__ import annotations
@@ -20,10 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .experts import (StackedWeights, compute_dtype, expert_of_rows, group_offsets, grouped_mm,
-                      grouped_mm_available, loop_mm, resolve_implementation)
-
-EXPERT_IMPLEMENTATIONS = ("auto", "grouped_mm", "eager")
+from .kernels import (EXPERT_BACKENDS, check_implementation, choose_kernel, compute_dtype, expert_of_rows,
+                      group_offsets, grouped_mm, loop_mm)
 
 
 def activation(name_or_fn: str | Callable) -> Callable:
@@ -37,16 +36,49 @@ def activation(name_or_fn: str | Callable) -> Callable:
     return ACT2FN[name_or_fn]
 
 
-class StackedExperts(StackedWeights):
-    """Stacked experts whose math is written once: subclasses name the stacks in `stacked` and
-    write `ffn`, run as grouped GEMMs or as the per-expert loop."""
+def gated_mlp(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The OpenMoE gate: x @ W_gate is 2I wide; first half times silu(second half) times up."""
+    a, b = gate.chunk(2, dim=-1)
+    return a * F.silu(b) * up
+
+
+def shard_stacked_(experts: nn.Module, lo: int, hi: int) -> None:
+    """Keep experts [lo, hi) of every stack named in `experts.stacked` (expert parallelism); the
+    kept parameters are marked as experts (`_ep_expert`)."""
+    for name in experts.stacked:
+        full = getattr(experts, name)
+        local = nn.Parameter(full.detach()[lo:hi].clone(), requires_grad=full.requires_grad)
+        local._ep_expert = True
+        setattr(experts, name, local)
+    experts.num_experts = hi - lo
+
+
+class StackedExperts(nn.Module):
+    """Experts whose weights are [E, ...] stacks named in `stacked` (matrices [E, in, out], biases
+    [E, out]): what expert parallelism shards, the balancer moves and the gathered layout
+    all-gathers. Subclasses write `ffn` once; `implementation` names what runs it
+    (moe/kernels.py: "auto", a kernel, or a registered backend)."""
+
+    stacked: tuple[str, ...] = ()
 
     def __init__(self, num_experts: int, implementation: str = "auto"):
         super().__init__()
-        if implementation not in EXPERT_IMPLEMENTATIONS:
-            raise ValueError(f"experts implementation {implementation!r}: choose one of {EXPERT_IMPLEMENTATIONS}")
+        check_implementation(implementation)
         self.num_experts = num_experts
         self.implementation = implementation
+
+    def stacked_parameters(self) -> list[nn.Parameter]:
+        return [getattr(self, n) for n in self.stacked]
+
+    def shard_(self, lo: int, hi: int) -> None:
+        shard_stacked_(self, lo, hi)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        for p in self.stacked_parameters():
+            if p.dim() == 3:
+                nn.init.normal_(p, std=std)
+            else:
+                nn.init.zeros_(p)
 
     def ffn(self, x: torch.Tensor, linear: Callable) -> torch.Tensor:
         raise NotImplementedError
@@ -56,14 +88,21 @@ class StackedExperts(StackedWeights):
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         dt = compute_dtype(x_NH, self._matrices()[0])
-        impl = resolve_implementation(self.implementation, x_NH, dt)
-        if impl == "grouped_mm" and grouped_mm_available(x_NH, *self._matrices(), dtype=dt):
+        name = choose_kernel(self.implementation, x_NH, self._matrices(), dt)
+        if name not in EXPERT_BACKENDS:  # set after construction to a name never registered
+            check_implementation(name)
+        return EXPERT_BACKENDS[name](self, x_NH, counts_E)
+
+    def run_kernel(self, kernel: str, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """`ffn` with every matmul by `kernel` ("grouped_mm" or "eager"), as chosen by forward."""
+        dt = compute_dtype(x_NH, self._matrices()[0])
+        if kernel == "grouped_mm":
             offs = group_offsets(counts_E)
 
             def mm(x, w):
                 return grouped_mm(x, w, offs)
         else:  # the per-expert loop: the reference
-            counts = counts_E.tolist()
+            counts = counts_E.tolist()  # one host sync for the whole layer
 
             def mm(x, w):
                 return loop_mm(x, w.to(dt), counts)
@@ -84,6 +123,26 @@ class StackedExperts(StackedWeights):
         return self.ffn(x_NH, linear)
 
 
+class OpenMoeExperts(StackedExperts):
+    """OpenMoE's expert, the three-way gated MLP (docs/openmoe-numerics.md, section 2):
+        a, b = split(x @ wi_gate, 2);  y = (a * silu(b) * (x @ wi_up)) @ wo
+    with wi_gate [E, H, 2I], wi_up [E, H, I], wo [E, I, H] (the T5X / ColossalAI layout, used as
+    x @ W[e] with no transpose, so checkpoints load as they are). Left uninitialized (the model's
+    _init_weights or a checkpoint fills it)."""
+
+    stacked = ("wi_gate", "wi_up", "wo")
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 implementation: str = "auto"):
+        super().__init__(num_experts, implementation)
+        E, H, I = num_experts, hidden_size, intermediate_size
+        self.wi_gate = nn.Parameter(torch.empty(E, H, 2 * I))
+        self.wi_up = nn.Parameter(torch.empty(E, H, I))
+        self.wo = nn.Parameter(torch.empty(E, I, H))
+
+    def ffn(self, x, linear):
+        return linear(gated_mlp(linear(x, "wi_gate"), linear(x, "wi_up")), "wo")
+
 
 class SwiGLUExperts(StackedExperts):
     """silu(x @ w_gate) * (x @ w_up) @ w_down, per expert; w_gate, w_up [E, H, I], w_down [E, I, H]."""
@@ -103,6 +162,19 @@ class SwiGLUExperts(StackedExperts):
     def ffn(self, x, linear):
         h = F.silu(linear(x, "w_gate")) * linear(x, "w_up")
         return linear(F.dropout(h, self.dropout, self.training), "w_down")
+
+
+class GatedExperts(SwiGLUExperts):
+    """act(x @ w_gate) * (x @ w_up) @ w_down with any activation (GeGLU etc.): SwiGLU's stacks and
+    parameter names, so checkpoints and expert parallelism treat it the same."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 act: Callable, implementation: str = "auto"):
+        super().__init__(num_experts, hidden_size, intermediate_size, implementation)
+        self.act = act
+
+    def ffn(self, x, linear):
+        return linear(self.act(linear(x, "w_gate")) * linear(x, "w_up"), "w_down")
 
 
 class MLPExperts(StackedExperts):
@@ -194,30 +266,46 @@ class ModuleExperts(nn.Module):
                          "(load balancing) and the gathered layout need a built-in expert type")
 
 
+def _openmoe(num_experts, hidden_size, intermediate_size, act, bias, dropout, implementation):
+    ex = OpenMoeExperts(num_experts, hidden_size, intermediate_size, implementation)
+    ex.reset_parameters()  # torch.empty otherwise; OpenMoE models re-init in _init_weights
+    return ex
+
+
+def _swiglu(num_experts, hidden_size, intermediate_size, act, bias, dropout, implementation):
+    return SwiGLUExperts(num_experts, hidden_size, intermediate_size, implementation, dropout)
+
+
+def _gated(num_experts, hidden_size, intermediate_size, act, bias, dropout, implementation):
+    return GatedExperts(num_experts, hidden_size, intermediate_size, activation(act), implementation)
+
+
+def _mlp(num_experts, hidden_size, intermediate_size, act, bias, dropout, implementation):
+    return MLPExperts(num_experts, hidden_size, intermediate_size, act, bias, dropout, implementation)
+
+
+# experts= name -> builder(num_experts, hidden, intermediate, activation, bias, dropout, implementation)
+EXPERT_TYPES: dict[str, Callable[..., StackedExperts]] = {
+    "openmoe": _openmoe, "swiglu": _swiglu, "gated": _gated, "mlp": _mlp}
+
+
 def build_experts(experts, num_experts: int, hidden_size: int, intermediate_size: int | None,
                   activation_fn: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
                   implementation: str = "auto") -> nn.Module:
-    """`experts` is "openmoe" | "swiglu" | "mlp" (intermediate size default 4 x hidden) | a factory
-    of one expert module."""
-    from .experts import OpenMoeExperts
-
+    """`experts` is a name of EXPERT_TYPES (intermediate size default 4 x hidden; `activation_fn`
+    for "gated" and "mlp", `bias` for "mlp") or a factory of one expert module."""
+    choices = ", ".join(repr(name) for name in EXPERT_TYPES)
     if isinstance(experts, str):
+        if experts not in EXPERT_TYPES:
+            raise ValueError(f"experts={experts!r}: choose {choices} or pass a factory "
+                             "(a callable returning one expert nn.Module)")
         if intermediate_size is None:
             intermediate_size = 4 * hidden_size
-        if experts == "openmoe":
-            ex = OpenMoeExperts(num_experts, hidden_size, intermediate_size, implementation)
-            ex.reset_parameters()  # torch.empty otherwise; OpenMoE models re-init in _init_weights
-            return ex
-        if experts == "swiglu":
-            return SwiGLUExperts(num_experts, hidden_size, intermediate_size, implementation, dropout)
-        if experts == "mlp":
-            return MLPExperts(num_experts, hidden_size, intermediate_size, activation_fn, bias, dropout,
-                              implementation)
-        raise ValueError(f"experts={experts!r}: choose 'openmoe', 'swiglu', 'mlp' or pass a factory "
-                         "(a callable returning one expert nn.Module)")
+        return EXPERT_TYPES[experts](num_experts, hidden_size, intermediate_size, activation_fn, bias, dropout,
+                                     implementation)
     if isinstance(experts, nn.Module):
         raise ValueError("experts= takes a factory (e.g. lambda: MyFFN()), not a module instance: "
                          "each of the num_experts experts needs its own weights")
     if callable(experts):
         return ModuleExperts(experts, num_experts, hidden_size)
-    raise ValueError(f"experts={experts!r}: choose 'openmoe', 'swiglu', 'mlp' or pass a factory")
+    raise ValueError(f"experts={experts!r}: choose {choices} or pass a factory")

@@ -55,8 +55,11 @@ def capacity_policy(capacity) -> CapacityPolicy:
 class MoELayer(nn.Module):
     """Top-k routed mixture of experts.
 
-    experts: "openmoe" (OpenMoE's three-way gated MLP), "swiglu", "mlp" (two-layer FFN with
-    `activation`, `bias`, `dropout`), or a factory returning one expert nn.Module (run per expert).
+    experts: "openmoe" (OpenMoE's three-way gated MLP), "swiglu", "gated" (SwiGLU's form with
+    `activation`), "mlp" (two-layer FFN with `activation`, `bias`, `dropout`), or a factory
+    returning one expert nn.Module (run per expert); see expert_types.EXPERT_TYPES.
+    experts_implementation: "auto" (per device and dtype), "grouped_mm", "eager" (per-expert loop)
+    or a registered backend (moe/kernels.py).
     capacity: see capacity_policy. noise: None, "jitter", "gaussian" or a RouterNoise (training only).
     aux_loss / z_loss: coefficients of the load-balance and router z losses in MoEOutput.loss.
 

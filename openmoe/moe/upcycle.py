@@ -60,7 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .expert_types import SwiGLUExperts
+from .expert_types import GatedExperts  # noqa: F401 (importable from here, as before)
 from .layer import MoELayer, MoEOutput
 from .noise import RouterNoise
 from .router import CapacityPolicy
@@ -82,8 +82,12 @@ __all__ = ["upcycle", "load_upcycled", "moe_loss", "moe_outputs", "UpcycledMoE",
 class UpcycledMoE(nn.Module):
     """Drop-in for a dense MLP: hidden_states [B, S, H] -> [B, S, H].
 
-    The MoE statistics and losses of the last call are kept in `last_output` (an MoEOutput), since
-    HF decoder layers only pass a tensor on; moe_loss(model) sums them for the training loss.
+    Per-call state, in this one place. HF decoder layers pass only a tensor on from their MLP, so
+    the MoE statistics and losses of a call cannot travel back through the model's output: each
+    forward stores its MoEOutput in `last_output`, replacing the previous call's (None before the
+    first call, and after a deepcopy or pickle). Read them after the model's forward with
+    moe_outputs(model) / moe_loss(model). Code that calls the layer itself takes them as a value
+    instead: forward_with_output. No other MoE module keeps per-call state; MoELayer returns it.
     """
 
     def __init__(self, moe: MoELayer, dropout: float = 0.0):
@@ -92,27 +96,18 @@ class UpcycledMoE(nn.Module):
         self.dropout = nn.Dropout(dropout)  # the dense MLP's output dropout (GPT-2), 0 otherwise
         self.last_output: MoEOutput | None = None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward_with_output(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, MoEOutput]:
+        """The MLP's output and this call's MoEOutput, keeping nothing."""
         y_BSH, out = self.moe(hidden_states)
-        self.last_output = out
-        return self.dropout(y_BSH)
+        return self.dropout(y_BSH), out
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        y_BSH, self.last_output = self.forward_with_output(hidden_states)
+        return y_BSH
 
     def __getstate__(self):
         # last_output holds non-leaf tensors of the last graph: deepcopy / pickle would fail on them.
         return {**self.__dict__, "last_output": None}
-
-
-class GatedExperts(SwiGLUExperts):
-    """act(x @ w_gate) * (x @ w_up) @ w_down with any activation (GeGLU etc.): SwiGLU's stacks and
-    parameter names, so checkpoints and expert parallelism treat it the same."""
-
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
-                 act: Callable, implementation: str = "auto"):
-        super().__init__(num_experts, hidden_size, intermediate_size, implementation)
-        self.act = act
-
-    def ffn(self, x, linear):
-        return linear(self.act(linear(x, "w_gate")) * linear(x, "w_up"), "w_down")
 
 
 def moe_outputs(model: nn.Module) -> dict[str, MoEOutput]:
@@ -146,7 +141,7 @@ def moe_loss(model: nn.Module) -> torch.Tensor:
 
 @dataclass
 class _DenseMLP:
-    kind: str  # "swiglu" | "gated" | "mlp"
+    kind: str  # the expert type (expert_types.EXPERT_TYPES): "swiglu" | "gated" | "mlp"
     weights: dict[str, torch.Tensor]  # expert stack name -> the dense tensor in [in, out] layout
     act: Callable | None  # the dense activation (None for swiglu: F.silu is built in)
     hidden_size: int
@@ -298,13 +293,12 @@ def _build_moe(dense: _DenseMLP, spec: dict) -> UpcycledMoE:
     Built on the meta device, then allocated once (no E-fold random init to throw away)."""
     E, H, I = spec["num_experts"], dense.hidden_size, dense.intermediate_size
     with torch.device("meta"):
-        moe = MoELayer(H, E, spec["top_k"], experts="mlp" if dense.kind == "mlp" else "swiglu",
-                       intermediate_size=I, capacity=_decode(spec["capacity"]),
-                       noise=_decode(spec["noise"]), aux_loss=spec["aux_loss"], z_loss=spec["z_loss"],
-                       norm_topk_prob=spec["norm_topk_prob"], bias=dense.bias, dropout=0.0,
-                       experts_implementation=spec["experts_implementation"])
-        if dense.kind == "gated":
-            moe.experts = GatedExperts(E, H, I, F.silu, spec["experts_implementation"])
+        # the activation is a placeholder where the dense MLP has its own (set below)
+        moe = MoELayer(H, E, spec["top_k"], experts=dense.kind, intermediate_size=I,
+                       capacity=_decode(spec["capacity"]), noise=_decode(spec["noise"]),
+                       aux_loss=spec["aux_loss"], z_loss=spec["z_loss"],
+                       norm_topk_prob=spec["norm_topk_prob"], activation=F.silu, bias=dense.bias,
+                       dropout=0.0, experts_implementation=spec["experts_implementation"])
     moe = moe.to(dense.dtype).to_empty(device=dense.device)
     if dense.act is not None:
         # after to_empty: an activation with parameters (xIELU) keeps its values

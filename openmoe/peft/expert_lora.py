@@ -15,8 +15,10 @@ and the extra memory is [tokens, r] per projection. Experts are never unstacked 
 the wrappers stay PEFT's (state dict, adapter format, merge).
 
 The backend is registered under the name "lora" with the project's own extension point
-(openmoe.moe.experts.register_expert_backend); attach_lora switches wrapped experts to it and
-merge_lora switches them back.
+(openmoe.moe.kernels.register_expert_backend) by use_lora_backend, the one call that switches
+experts to it (attach_lora, quantize_experts); restore_backend (merge_lora) switches them back.
+Which kernel runs each matmul is moe/kernels.py's choice: the experts' own implementation
+resolved once, and grouped_mm per matrix only where it takes the shapes.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ import types
 
 import torch
 
-from ..moe.experts import (compute_dtype, gated_mlp, group_offsets, grouped_mm, grouped_mm_available, loop_mm,
-                           register_expert_backend, resolve_implementation)
+from ..moe.expert_types import gated_mlp
+from ..moe.kernels import (choose_kernel, compute_dtype, group_offsets, grouped_mm, loop_mm, register_expert_backend,
+                           resolve_implementation)
 
 BACKEND = "lora"
 PROJECTIONS = ("wi_gate", "wi_up", "wo")
@@ -49,9 +52,10 @@ def factors(experts: torch.nn.Module, name: str) -> list:
 
 def expert_mm(x_NI: torch.Tensor, w_EIO: torch.Tensor, offs_E: torch.Tensor, counts_E: torch.Tensor,
               use_grouped: bool = True) -> torch.Tensor:
-    """Rows of x (sorted by expert) times their expert's matrix: one grouped GEMM when the kernel
-    takes these shapes (16-byte aligned rows), else a loop over the experts' row blocks."""
-    if use_grouped and grouped_mm_available(x_NI, w_EIO):
+    """Rows of x (sorted by expert) times their expert's matrix: one grouped GEMM when asked for
+    and the kernel takes these shapes (16-byte aligned rows in w's dtype), else a loop over the
+    experts' row blocks."""
+    if choose_kernel("grouped_mm" if use_grouped else "eager", x_NI, [w_EIO], w_EIO.dtype) == "grouped_mm":
         return grouped_mm(x_NI, w_EIO, offs_E)
     return loop_mm(x_NI, w_EIO.to(compute_dtype(x_NI, w_EIO)), counts_E.tolist())
 
@@ -77,9 +81,6 @@ def experts_lora(experts, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.T
     return _projection(experts, "wo", h, offs, counts_E)
 
 
-register_expert_backend(BACKEND, experts_lora)
-
-
 def _straight_to_experts(self, x, *args, **kwargs):
     """Forward of the outermost ParamWrapper around the experts: no parametrization, the
     experts' backend applies the factors."""
@@ -89,6 +90,7 @@ def _straight_to_experts(self, x, *args, **kwargs):
 def use_lora_backend(experts: torch.nn.Module, wrappers: dict | None = None) -> None:
     """Route `experts` through this backend. `wrappers`: parameter name -> PEFT ParamWrapper
     (outermost first is found here and made to forward straight to the experts)."""
+    register_expert_backend(BACKEND, experts_lora)  # here, where it is needed: not on import
     if experts.implementation != BACKEND:
         experts._lora_base_impl = experts.implementation
         experts.implementation = BACKEND

@@ -65,7 +65,7 @@ def _ddp_worker(rank, port, out, steps, capacity):
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from openmoe.moe import ddp_ignore_experts, expert_parallel
+    from openmoe.parallel import ddp_ignore_experts, expert_parallel
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
@@ -114,7 +114,7 @@ def _layout_worker(rank, port, out):
     sys.path.insert(0, os.path.dirname(HERE))
     import torch.distributed as dist
 
-    from openmoe.moe import expert_parallel, set_expert_layout
+    from openmoe.parallel import expert_parallel, set_expert_layout
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
