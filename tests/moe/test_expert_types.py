@@ -143,3 +143,18 @@ def test_bad_experts_arguments():
         MoELayer(H, E, 2, experts="mlp", activation="swishy")
     with pytest.raises(ValueError, match="implementation 'cuda'"):
         MoELayer(H, E, 2, experts="mlp", experts_implementation="cuda")
+
+
+@pytest.mark.parametrize("impl", ["grouped_mm", "eager"])
+def test_gated_experts_by_name_with_any_activation(impl):
+    """experts="gated": SwiGLU's stacks with the layer's `activation` (here exact GELU: GeGLU)."""
+    from openmoe.moe import GatedExperts
+
+    layer = _randomize(MoELayer(H, E, 2, experts="gated", intermediate_size=I, activation="gelu",
+                                experts_implementation=impl))
+    assert isinstance(layer.experts, GatedExperts)
+    ex = layer.experts
+    x = torch.randn(7, H)
+    y, _ = layer(x)
+    ref = _reference(layer, x, lambda e, v: (F.gelu(v @ ex.w_gate[e]) * (v @ ex.w_up[e])) @ ex.w_down[e])
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)

@@ -224,6 +224,18 @@ def test_training_reaches_router_and_experts():
     assert up.moe.gate_weight.grad.abs().sum() > 0
 
 
+
+def test_forward_with_output_returns_the_state_forward_keeps():
+    """UpcycledMoE keeps the last call's MoEOutput in last_output (for moe_loss after an HF forward);
+    forward_with_output hands the same back as a value and keeps nothing."""
+    model = upcycle(_llama(), num_experts=2, seed=0).eval()
+    up = _mlps(model)[0]
+    x = torch.randn(2, 3, 32)
+    y, out = up.forward_with_output(x)
+    assert up.last_output is None
+    assert torch.equal(up(x), y) and up.last_output is not None
+    assert torch.equal(up.last_output.router_logits, out.router_logits)
+
 @pytest.mark.parametrize("reentrant", [False, True])
 def test_moe_loss_under_gradient_checkpointing(reentrant):
     model = upcycle(_llama(), num_experts=2).train()
