@@ -17,7 +17,7 @@ import torch
 from conftest import tiny_config
 
 sys.path.insert(0, str(Path(__file__).parent / "checkpoint"))
-from t5x_fixture import random_params, write_checkpoint  # noqa: E402
+from t5x_fixture import random_params, t5x_shapes, write_checkpoint  # noqa: E402
 
 from openmoe.cli import convert as cli  # noqa: E402
 
@@ -177,6 +177,50 @@ def test_bfloat16_output_and_inferred_config(tmp_path):
     assert t.dtype == torch.bfloat16 and torch.equal(t, params[BF16])  # bf16 source: exact
 
 
+# Chunk layouts that reach every write path: whole output rows (pwrite) and regions that are
+# not (transposed row blocks, column blocks: the mmap path), with edge chunks on both axes.
+_LAYOUTS = {
+    "rows": lambda n, s: [max(1, s[0] // 3 + 1), *s[1:]],
+    "columns": lambda n, s: [max(1, s[0] // 2 + 1), *s[1:-1], max(1, s[-1] // 3 + 1)] if len(s) > 1 else [3],
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_LAYOUTS))
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_shard_bytes_are_the_header_then_each_tensor(tmp_path, layout, dtype):
+    """Byte for byte: every shard is its header followed by each tensor, converted by torch from
+    the source arrays (transposed, cast), in the header's order with no gap."""
+    from openmoe.checkpoint import convert
+    from openmoe.checkpoint.keymap import TRANSPOSE, to_t5x
+
+    params = random_params(tiny_config(vocab_size=61), seed=4, bf16={BF16})
+    ckpt = write_checkpoint(tmp_path / "c", params, inline=INLINE, chunks=_LAYOUTS[layout],
+                            skip_chunks={"token_embedder/embedding": {(1, 0)}})
+    emb = params["token_embedder/embedding"]
+    rows, cols = _LAYOUTS[layout]("", tuple(emb.shape))
+    emb[rows:2 * rows, :cols] = 0  # the unwritten chunk (1, 0) reads as the fill value
+    out = convert(ckpt, tmp_path / "out", head_dim=16, dtype=dtype, max_shard_size="20KB", progress=False,
+                  fsync=False, log=lambda *_: None)
+    shards = sorted(out.glob("*.safetensors"))
+    assert len(shards) > 3
+    seen = 0
+    for shard in shards:
+        raw = shard.read_bytes()
+        n = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8:8 + n])
+        header.pop("__metadata__")
+        want = []
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"]):
+            t5x, op = to_t5x(name)
+            t = params[t5x].t() if op == TRANSPOSE else params[t5x]
+            t = t.to(getattr(torch, dtype)).contiguous()
+            assert entry["shape"] == list(t.shape) and entry["data_offsets"][0] == sum(map(len, want)), name
+            want.append(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        assert raw[8 + n:] == b"".join(want), shard.name
+        seen += len(header)
+    assert seen == len(params)
+
+
 def _spm_model(folder: Path) -> Path:
     import sentencepiece as spm
 
@@ -301,6 +345,14 @@ print(peak() - base)
 """
 
 
+def _peak_rss_growth(ckpt: Path, out: Path) -> int:
+    """Bytes the peak RSS of a fresh process grows by while convert() runs."""
+    r = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt), str(out)], capture_output=True,
+                       text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout.strip().splitlines()[-1])
+
+
 def test_peak_memory_is_bounded_by_the_largest_arrays(tmp_path):
     # ~250 MB of float32 in ~370 arrays of at most 4.2 MB: growth must stay near a few arrays
     cfg = tiny_config(vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=32,
@@ -311,12 +363,51 @@ def test_peak_memory_is_bounded_by_the_largest_arrays(tmp_path):
     assert 200e6 < total < 300e6 and biggest < 5e6
     ckpt = write_checkpoint(tmp_path / "c", params, chunks=lambda n, s: [max(1, s[0] // 4), *s[1:]])
     del params
-    r = subprocess.run([sys.executable, "-c", _MEASURE, str(ckpt), str(tmp_path / "out")], capture_output=True,
-                       text=True, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
-    assert r.returncode == 0, r.stderr
-    growth = int(r.stdout.strip().splitlines()[-1])
-    # two read buffers and a block of the biggest array, chunk buffers, a meta model: ~35 MB;
-    # holding the parameters would be >= 200 MB
+    growth = _peak_rss_growth(ckpt, tmp_path / "out")
+    # the chunks in flight, malloc's retained buffers: ~35 MB; holding the parameters would be >= 200 MB
     print(f"peak RSS growth {growth / 1e6:.0f} MB")
     assert growth < 0.25 * total, f"peak RSS grew {growth / 1e6:.0f} MB converting {total / 1e6:.0f} MB"
     assert math.isclose(sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors")), total, rel_tol=0.01)
+
+
+def _patterned(cfg, seed: int = 5) -> dict:
+    """Parameters of `cfg`'s shapes filled with a repeated random period: gzip and zlib are
+    quick on them, which keeps a few hundred MB of fixture fast to write and to convert."""
+    period = torch.randn(4099, generator=torch.Generator().manual_seed(seed))
+    out = {}
+    for name, shape in t5x_shapes(cfg).items():
+        n = math.prod(shape)
+        out[name] = period.repeat(n // 4099 + 1)[:n].reshape(shape).clone()
+    return out
+
+
+def test_peak_memory_is_about_one_output_tensor(tmp_path):
+    # ~380 MB in 30 arrays, the largest 134 MB (embedding, lm_head), stored in 8 MB chunks (one
+    # per expert: 8 MB). Assembling whole parameters costs two or more of the largest (the former
+    # reader: two source buffers, a transposed block: 3.3x measured); streaming chunks into place
+    # holds the chunks in flight, plus the pages of lm_head, whose transposed chunks are not
+    # whole output rows (1.3x measured).
+    cfg = tiny_config(vocab_size=32768, hidden_size=1024, intermediate_size=1024, num_hidden_layers=2,
+                      num_attention_heads=4, head_dim=64, num_experts=4, moe_layer_interval=2)
+    params = _patterned(cfg)
+    total = sum(t.numel() * 4 for t in params.values())
+    largest = max(t.numel() * 4 for t in params.values())
+    assert 300e6 < total < 400e6 and largest == 128 << 20
+
+    def chunks(name, shape):
+        if "/expert/" in name:
+            return [1, *shape[1:]]
+        big = name in ("decoder/logits_dense/kernel", "token_embedder/embedding")
+        return [max(1, shape[0] // (16 if big else 8)), *shape[1:]]
+
+    ckpt = write_checkpoint(tmp_path / "c", params, chunks=chunks, state=False)
+    head = params["decoder/logits_dense/kernel"][:, :5].t().clone()
+    del params
+    growth = _peak_rss_growth(ckpt, tmp_path / "out")
+    print(f"peak RSS growth {growth / 1e6:.0f} MB, largest tensor {largest / 1e6:.0f} MB")
+    assert growth < 1.5 * largest, f"peak RSS grew {growth / 1e6:.0f} MB, the largest tensor is {largest / 1e6:.0f} MB"
+    from safetensors import safe_open
+
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    with safe_open(tmp_path / "out" / index["weight_map"]["lm_head.weight"], "pt") as f:
+        assert torch.equal(f.get_slice("lm_head.weight")[:5], head)

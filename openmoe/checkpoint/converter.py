@@ -4,14 +4,16 @@
 
 Order of work, so that bad input fails before anything is written: index the checkpoint (msgpack
 structure and every `.zarray`), settle the config (inferred from shapes, or given and checked),
-load the tokenizer; only then stream: read a parameter, map and transpose it, append it to the
-current shard (the next parameter is read meanwhile). Everything lands in a temporary folder
-that is renamed into place at the end.
+load the tokenizer; only then stream: inflate each stored chunk, transpose and cast it, and write
+it into its place in the shard file (the next chunks are inflated meanwhile); no parameter is
+assembled in memory. Everything lands in a temporary folder that is renamed into place at the end.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -26,12 +28,14 @@ from ..configuration_openmoe import OpenMoeConfig
 from .errors import CheckpointError
 from .infer_config import config_problems, expected_shapes, format_problems, infer_config, load_config
 from .keymap import TRANSPOSE, hf_shape, to_hf
-from .shards import ShardWriter, TensorSpec, check_output_free, output_folder, parse_size, plan_shards
-from .t5x import T5XCheckpoint
+from .shards import (ShardWriter, TensorSlot, TensorSpec, check_output_free, output_folder, parse_size,
+                     plan_shards)
+from .t5x import Chunk, T5XCheckpoint, storage_numpy
 
 OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 UMT5_EXTRA_IDS = 300  # umT5's sentinel tokens, appended after its 256000 pieces
-_BLOCK_BYTES = 64 << 20  # conversion granularity: bounds the extra memory of a transpose
+_BLOCK_BYTES = 64 << 20  # conversion granularity: bounds the extra memory of a transpose or cast
+_PREFETCH_BYTES = 512 << 20  # inflated chunks held ahead of the writer (at least one)
 
 
 @dataclass(frozen=True)
@@ -69,19 +73,6 @@ def plan(ckpt: T5XCheckpoint, cfg: OpenMoeConfig, dtype: torch.dtype) -> list[It
         hf_name, op = to_hf(t5x_name)
         items.append(Item(hf_name, t5x_name, op, TensorSpec(hf_name, hf_shape(param.shape, op), dtype)))
     return items
-
-
-def blocks(t: torch.Tensor, op: str, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """The converted tensor as contiguous row blocks of about _BLOCK_BYTES: the transpose and
-    the cast happen block by block, so no second full-size copy is ever made."""
-    src = t.t() if op == TRANSPOSE else t
-    if src.dim() < 2:
-        yield src.to(dtype).contiguous()
-        return
-    row_bytes = max(1, src[0].numel() * max(src.element_size(), dtype.itemsize))
-    step = max(1, _BLOCK_BYTES // row_bytes)
-    for r in range(0, src.shape[0], step):
-        yield src[r:r + step].to(dtype).contiguous()  # (.to alone keeps a transposed view)
 
 
 def load_tokenizer(spm_file: str, vocab_size: int, extra_ids: int = UMT5_EXTRA_IDS,
@@ -159,32 +150,75 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
 
 def _stream(ckpt: T5XCheckpoint, items: list[Item], writer: ShardWriter, workers: int,
             progress: bool | None) -> None:
-    """Read parameter k+1 (in a thread: file reads, zlib and numpy copies release the GIL)
-    while parameter k is transposed and written: two source-sized buffers in memory."""
+    """Every stored chunk, in the plan's order, is read and inflated in `workers` threads (file
+    reads and zlib release the GIL) a few chunks ahead, while this thread converts the current
+    one and writes it into its place in the shard file (TensorSlot): what is held is a few
+    chunks, and, for a tensor whose chunks are not whole output rows, that tensor's pages."""
     from tqdm.auto import tqdm
 
     total = sum(it.spec.nbytes for it in items)
     bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", file=sys.stderr,
                disable=(not progress) if progress is not None else None)
-    # Two buffers in turn: parameter k+1 is read into one while k is written from the other.
-    size = max((ckpt.params[it.t5x].nbytes for it in items), default=0)
-    buffers = [np.empty(size, np.uint8), np.empty(size, np.uint8)]
-    with ThreadPoolExecutor(1) as reader:
-        def read(k: int):
-            return reader.submit(ckpt.read, items[k].t5x, workers, buffers[k % 2]) if k < len(items) else None
+    per_item = [ckpt.chunks(it.t5x) for it in items]
+    loaded = _prefetched([c for chunks in per_item for c in chunks], workers)
+    try:
+        for k, (it, chunks) in enumerate(zip(items, per_item)):
+            src_dtype = ckpt.params[it.t5x].dtype
+            with writer.tensor(it.hf) as slot:
+                for chunk in chunks:
+                    write_chunk(slot, chunk.region, next(loaded), it.op, src_dtype)
+            bar.set_postfix_str(f"{k + 1}/{len(items)} params", refresh=False)
+            bar.update(it.spec.nbytes)
+        writer.finish()
+    finally:
+        loaded.close()  # cancels the reads ahead, waits for the running ones
+        writer.abort()
+        bar.close()
 
-        pending = read(0)
+
+def _prefetched(chunks: list[Chunk], workers: int) -> Iterator[np.ndarray]:
+    """The chunks' arrays in order, loaded in `workers` threads up to `workers` chunks
+    (and _PREFETCH_BYTES) ahead; a chunk counts until the consumer asks for the next one."""
+    with ThreadPoolExecutor(workers) as pool:
+        pending: collections.deque = collections.deque()
+        held, i = 0, 0
         try:
-            for k, it in enumerate(items):
-                t = pending.result()
-                pending = read(k + 1)  # into the other buffer: `t` stays valid while written
-                writer.write(it.hf, blocks(t, it.op, it.spec.dtype))
-                del t
-                bar.set_postfix_str(f"{k + 1}/{len(items)} params", refresh=False)
-                bar.update(it.spec.nbytes)
-            writer.finish()
+            while pending or i < len(chunks):
+                while i < len(chunks) and len(pending) < workers and \
+                        (not pending or held + chunks[i].nbytes <= _PREFETCH_BYTES):
+                    pending.append((pool.submit(chunks[i].load), chunks[i].nbytes))
+                    held += chunks[i].nbytes
+                    i += 1
+                future, nbytes = pending.popleft()
+                yield future.result()
+                held -= nbytes
         finally:
-            if pending is not None:
-                pending.cancel()
-            writer.abort()
-            bar.close()
+            for future, _ in pending:
+                future.cancel()
+
+
+def write_chunk(slot: TensorSlot, region: tuple[slice, ...], data: np.ndarray, op: str,
+                src_dtype: torch.dtype) -> None:
+    """One stored chunk (`region` of the T5X array, storage dtype) into the output tensor:
+    transposed and cast in row blocks of about _BLOCK_BYTES, so a conversion never makes a
+    second copy of the chunk; a chunk that needs neither is written straight from `data`."""
+    if op == TRANSPOSE:
+        data, region = data.T, region[::-1]
+    if data.ndim == 0:
+        data, region = data.reshape(1), (slice(0, 1),)
+    out_dtype = slot.spec.dtype
+    cast = src_dtype != out_dtype or not data.dtype.isnative
+    row_bytes = max(1, math.prod(data.shape[1:]) * max(data.itemsize, out_dtype.itemsize))
+    step = max(1, _BLOCK_BYTES // row_bytes)
+    for r in range(0, data.shape[0], step):
+        part = data[r:r + step]
+        rows = slice(region[0].start + r, region[0].start + r + part.shape[0])
+        slot.write((rows, *region[1:]), _cast(part, src_dtype, out_dtype) if cast else part)
+
+
+def _cast(part: np.ndarray, src_dtype: torch.dtype, out_dtype: torch.dtype) -> np.ndarray:
+    """torch's cast (round to nearest even into bfloat16), on a writable native-order copy
+    (inflated chunks are read-only bytes, which torch does not take)."""
+    t = torch.from_numpy(np.array(part, dtype=part.dtype.newbyteorder("="), order="C"))
+    t = t.view(src_dtype) if src_dtype == torch.bfloat16 else t
+    return storage_numpy(t.to(out_dtype))

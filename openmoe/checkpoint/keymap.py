@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 COPY = "copy"
 TRANSPOSE = "transpose"
-OPS = (COPY, TRANSPOSE)
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,10 @@
 """Streaming safetensors shards, written into a temporary folder that is renamed into place.
 
 safetensors puts a JSON header (every tensor's dtype, shape and byte range) before the data.
-All shapes are known before any data is read, so shards are planned up front: each shard's
-header is written first and every tensor is then appended, in blocks, as it is converted. No
-shard is ever held in memory: what is held is the source tensor and one converted block.
+All shapes are known before any data is read, so shards are planned up front: each shard file
+is created at its full size with its header, and every tensor is then written into its byte
+range, appended in blocks or region by region as its chunks arrive (TensorSlot). No shard is
+ever held in memory, and no tensor is, unless its regions are not whole rows.
 
 `output_folder` yields a temporary sibling of the output folder and renames it to the final
 name only when everything in it is written and synced, so a failure or an interrupt leaves no
@@ -13,8 +14,10 @@ output behind, never a half-written one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -22,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import CheckpointError
@@ -94,9 +98,77 @@ def _header(tensors: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+class TensorSlot:
+    """The bytes of one planned tensor in its shard file, written in place: `write(region,
+    data)` puts an array (the output dtype's bit pattern, the region's shape) at the region's
+    file offsets, in any order; `append(data)` writes on after what was written so far.
+
+    A region that is one contiguous byte range (whole trailing rows) is written with pwrite
+    straight from `data`. Any other region (a transposed or column-split chunk) is copied into a
+    shared mmap of the tensor's bytes, made on the first such write and released on close():
+    then the tensor's pages are what is held, never more than one output tensor. The shard
+    file is preallocated, so a full disk fails at its creation instead of as SIGBUS here."""
+
+    def __init__(self, fd: int, offset: int, spec: TensorSpec):
+        self.fd, self.offset, self.spec = fd, offset, spec
+        self.shape = spec.shape or (1,)  # a 0-d tensor as one element
+        self.written = 0
+        self._map: mmap.mmap | None = None
+        self._view: np.ndarray | None = None
+
+    def append(self, data: np.ndarray) -> None:
+        _pwrite_all(self.fd, data, self.offset + self.written)
+        self.written += data.nbytes
+
+    def write(self, region: tuple[slice, ...], data: np.ndarray) -> None:
+        extents = tuple(r.stop - r.start for r in region)
+        if len(region) != len(self.shape) or data.shape != extents or data.itemsize != self.spec.dtype.itemsize:
+            raise RuntimeError(f"TensorSlot {self.spec.name}: region {extents} of {data.dtype} does not fit "
+                               f"{self.shape} of {self.spec.dtype}")
+        if _is_contiguous(extents, self.shape):
+            start = sum(r.start * math.prod(self.shape[d + 1:]) for d, r in enumerate(region))
+            _pwrite_all(self.fd, data, self.offset + start * data.itemsize)
+        else:
+            self._mapped(data.dtype)[region] = data
+        self.written += data.nbytes
+
+    def _mapped(self, dtype: np.dtype) -> np.ndarray:
+        if self._view is None:
+            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+            # MAP_POPULATE: one call maps every page; faulting them in one by one as the
+            # strided writes touch them costs 3x the copy itself
+            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+            self._map = mmap.mmap(self.fd, self.offset + self.spec.nbytes - start, flags=flags, offset=start)
+            self._view = np.frombuffer(self._map, np.uint8, self.spec.nbytes, self.offset - start)
+        return self._view.view(dtype).reshape(self.shape)
+
+    def close(self) -> None:
+        self._view = None  # the only export of the mmap: it can close now
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+
+def _is_contiguous(extents: tuple[int, ...], shape: tuple[int, ...]) -> bool:
+    """Whether a region is one byte range in C order: single indices up to some axis, that
+    axis any range, every later axis whole."""
+    k = 0
+    while k < len(shape) - 1 and extents[k] == 1:
+        k += 1
+    return extents[k + 1:] == shape[k + 1:]
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    view = memoryview(np.ascontiguousarray(data).reshape(-1)).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 class ShardWriter:
-    """Writes planned shards in order; `write(name, blocks)` appends one tensor, which must be
-    the next one of the plan. `finish()` writes the index once every tensor is in."""
+    """Writes planned shards in order, one file at a time. Each tensor must be the next one of
+    the plan: `write(name, blocks)` appends its blocks, or `with tensor(name) as slot:` writes
+    its regions in any order (TensorSlot). `finish()` writes the index once every tensor is in."""
 
     def __init__(self, folder: str | os.PathLike, shards: list[list[TensorSpec]], fsync: bool = True):
         self.folder = Path(folder)
@@ -104,49 +176,62 @@ class ShardWriter:
         self.fsync = fsync
         self._queue = [(si, t) for si, shard in enumerate(shards) for t in shard]
         self._next = 0
-        self._file = None
+        self._fd: int | None = None
+        self._offsets: dict[str, int] = {}  # tensor -> file offset of its data, in the open shard
         self.weight_map: dict[str, str] = {}
 
     def write(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        with self.tensor(name) as slot:
+            for block in blocks:
+                if block.dtype != slot.spec.dtype:
+                    raise RuntimeError(f"ShardWriter: {name} block is {block.dtype}, planned {slot.spec.dtype}")
+                slot.append(block.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+    @contextlib.contextmanager
+    def tensor(self, name: str) -> Iterator[TensorSlot]:
         if self._next >= len(self._queue) or self._queue[self._next][1].name != name:
             expected = self._queue[self._next][1].name if self._next < len(self._queue) else "nothing"
             raise RuntimeError(f"ShardWriter: got {name}, the plan expects {expected}")
         si, spec = self._queue[self._next]
-        if self._file is None:
+        if self._fd is None:
             self._open(si)
-        written = 0
-        for block in blocks:
-            if block.dtype != spec.dtype:
-                raise RuntimeError(f"ShardWriter: {name} block is {block.dtype}, planned {spec.dtype}")
-            data = block.contiguous().reshape(-1).view(torch.uint8).numpy()
-            self._file.write(memoryview(data))
-            written += data.nbytes
-        if written != spec.nbytes:
-            raise RuntimeError(f"ShardWriter: {name} got {written} bytes, planned {spec.nbytes}")
+        slot = TensorSlot(self._fd, self._offsets[name], spec)
+        try:
+            yield slot
+        finally:
+            slot.close()
+        if slot.written != spec.nbytes:
+            raise RuntimeError(f"ShardWriter: {name} got {slot.written} bytes, planned {spec.nbytes}")
         self.weight_map[name] = shard_name(si, len(self.shards))
-        self._start_writeback()
+        self._start_writeback(slot)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != si:
             self._close_file()
 
     def _open(self, si: int) -> None:
-        self._file = open(self.folder / shard_name(si, len(self.shards)), "wb")
-        self._file.write(_header(self.shards[si]))
+        header = _header(self.shards[si])
+        self._offsets, offset = {}, len(header)
+        for t in self.shards[si]:
+            self._offsets[t.name] = offset
+            offset += t.nbytes
+        self._fd = os.open(self.folder / shard_name(si, len(self.shards)), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        _allocate(self._fd, offset)
+        _pwrite_all(self._fd, np.frombuffer(header, np.uint8), 0)
 
-    def _start_writeback(self) -> None:
-        """Start writing this file's dirty pages to disk now (and drop the ones already
-        written) instead of all at the shard's fsync: the final sync is short, and a 40 GB
-        conversion does not push the source arrays out of the page cache."""
-        self._file.flush()
-        if hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._file.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    def _start_writeback(self, slot: TensorSlot) -> None:
+        """Start writing the finished tensor's dirty pages to disk now instead of all at the
+        shard's fsync, so the final sync is short. Only its own range: dirty pages are not
+        dropped, so the pages stay cached for the manifest's hash that follows, where
+        DONTNEED on the whole file would drop every page already written back and make the
+        manifest read the whole output from disk again."""
+        if hasattr(os, "posix_fadvise") and slot.spec.nbytes:
+            os.posix_fadvise(self._fd, slot.offset, slot.spec.nbytes, os.POSIX_FADV_DONTNEED)
 
     def _close_file(self) -> None:
-        self._file.flush()
         if self.fsync:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
+            os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
 
     def finish(self) -> None:
         if self._next != len(self._queue):
@@ -156,9 +241,20 @@ class ShardWriter:
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
     def abort(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Reserve the file's blocks now: a full disk is an OSError here, not a SIGBUS on an mmap
+    write later. Filesystems without fallocate get a sparse file of the same size."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+            raise
+        os.ftruncate(fd, size)
 
 
 def check_output_free(out: Path) -> None:

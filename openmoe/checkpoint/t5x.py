@@ -14,9 +14,10 @@ shapes and dtypes are known, and checked, before any data is touched.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +32,16 @@ SUPPORTED_VERSIONS = (2, 3)
 _KVSTORE_DRIVERS = ("file", "gfile", "gcs")
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
                  "float64": torch.float64, "int32": torch.int32, "int64": torch.int64}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A stored piece of a parameter: `load()` gives it as a numpy array of `region`'s shape in
+    the storage dtype (uint16 for bfloat16); `nbytes` bounds the memory a load takes."""
+
+    region: tuple[slice, ...]
+    nbytes: int
+    load: Callable[[], np.ndarray]
 
 
 @dataclass(frozen=True)
@@ -132,23 +143,44 @@ class T5XCheckpoint:
             rel = rel.lstrip("/")  # a bucket-relative path: relative to the checkpoint folder
         return self.folder / rel  # an absolute path stays absolute
 
-    def read(self, name: str, workers: int = 1, buffer: np.ndarray | None = None) -> torch.Tensor:
-        """One parameter as a torch tensor (float32, bfloat16, ... as stored). A zarr array is
-        read into `buffer` (uint8, at least its nbytes) when given: the result is a view of it."""
+    def read(self, name: str, workers: int = 1) -> torch.Tensor:
+        """One parameter as a torch tensor (float32, bfloat16, ... as stored)."""
+        p = self._get(name)
+        if p.array is not None:
+            return p.array.read(workers)
+        return self._inline(p)
+
+    def chunks(self, name: str) -> list[Chunk]:
+        """One parameter as the pieces it is stored in, to be read one at a time (in any
+        thread): a zarr array's chunks, or the whole array for one stored inline."""
+        p = self._get(name)
+        if p.array is None:
+            return [Chunk(tuple(slice(0, s) for s in p.shape), p.nbytes, lambda: storage_numpy(self._inline(p)))]
+        a = p.array
+        return [Chunk(a.chunk_region(i), a.chunk_nbytes, functools.partial(a.read_chunk, i))
+                for i in a.chunk_indices()]
+
+    def _get(self, name: str) -> Param:
         p = self.params.get(name)
         if p is None:
             raise CheckpointError(f"{name}: no such parameter in {self.file}")
-        if p.array is not None:
-            return p.array.read(workers, buffer)
+        return p
+
+    def _inline(self, p: Param) -> torch.Tensor:
         value = self._tree.decode(p.leaf)
         if not isinstance(value, torch.Tensor) or tuple(value.shape) != p.shape:
-            raise CheckpointError(f"{name}: inline array in {self.file} is malformed")
+            raise CheckpointError(f"{p.name}: inline array in {self.file} is malformed")
         return value
 
     def iter_params(self, names: Iterable[str] | None = None, workers: int = 1
                     ) -> Iterator[tuple[str, torch.Tensor]]:
         for name in (self.params if names is None else names):
             yield name, self.read(name, workers)
+
+
+def storage_numpy(t: torch.Tensor) -> np.ndarray:
+    """A tensor's bit pattern as numpy (bfloat16 as uint16, which numpy lacks)."""
+    return t.view(torch.uint16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def iter_params(path: str | os.PathLike, names: Iterable[str] | None = None, workers: int = 1

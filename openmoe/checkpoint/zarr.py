@@ -120,44 +120,54 @@ class ZarrArray:
 
     # -- reading --------------------------------------------------------------------------------
 
-    def read(self, workers: int = 1, buffer: np.ndarray | None = None) -> torch.Tensor:
+    @property
+    def chunk_nbytes(self) -> int:
+        """Bytes of one inflated chunk (edge chunks are stored full size too)."""
+        return math.prod(self.chunks) * self.dtype.itemsize
+
+    def chunk_region(self, index: tuple[int, ...]) -> tuple[slice, ...]:
+        """The part of the array that chunk `index` holds (edge chunks are cut at the array's end)."""
+        return tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunks, self.shape))
+
+    def read(self, workers: int = 1) -> torch.Tensor:
         """The whole array as a torch tensor. Chunks are inflated in `workers` threads (zlib
-        and numpy copies release the GIL); each writes its own region of the output.
-        `buffer` (uint8, at least nbytes): read into it and return a view of it; reusing one
-        saves the page faults of fresh memory on every array."""
-        if buffer is not None:
-            out = buffer[: self.nbytes].view(self.dtype).reshape(self.shape)
-        else:
-            out = np.empty(self.shape, dtype=self.dtype)
+        and numpy copies release the GIL); each writes its own region of the output."""
+        out = np.empty(self.shape, dtype=self.dtype)
+
+        def into_out(index: tuple[int, ...]) -> None:
+            out[self.chunk_region(index)] = self.read_chunk(index)
+
         indices = list(self.chunk_indices())
         if workers > 1 and len(indices) > 1:
             with ThreadPoolExecutor(min(workers, len(indices))) as pool:
-                list(pool.map(lambda i: self._read_chunk_into(out, i), indices))
+                list(pool.map(into_out, indices))
         else:
             for i in indices:
-                self._read_chunk_into(out, i)
+                into_out(i)
         if not self.dtype.isnative:
             out = out.astype(self.dtype.newbyteorder("="))
         t = torch.from_numpy(out)
         return t.view(torch.bfloat16) if self.bfloat16 else t
 
-    def _read_chunk_into(self, out: np.ndarray, index: tuple[int, ...]) -> None:
-        region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, self.chunks, self.shape))
+    def read_chunk(self, index: tuple[int, ...]) -> np.ndarray:
+        """Chunk `index` as a read-only array of its region's shape, in the storage dtype (a
+        view of the inflated bytes: edge padding cut off, F order as a transposed view). A chunk
+        file that was never written reads as the fill value (a broadcast scalar, no memory)."""
+        region = self.chunk_region(index)
         file = self.chunk_file(index)
         try:
             with open(file, "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
-            out[region] = self.fill_value  # not written: the whole chunk is the fill value
-            return
+            return np.broadcast_to(np.asarray(self.fill_value, self.dtype), tuple(r.stop - r.start for r in region))
         except OSError as e:
             raise CheckpointError(f"{self.name}: cannot read chunk {file} ({e.strerror})") from None
         chunk = self.decode_chunk(raw, file)
-        out[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+        return chunk[tuple(slice(0, r.stop - r.start) for r in region)]
 
     def decode_chunk(self, raw: bytes, file: Path) -> np.ndarray:
         """Inflate one chunk file's bytes into a full chunk-shaped array (edge padding kept)."""
-        want = math.prod(self.chunks) * self.dtype.itemsize
+        want = self.chunk_nbytes
         if self.compressor is not None:
             try:
                 raw = zlib.decompress(raw, _AUTO_HEADER_WBITS, want)

@@ -90,3 +90,39 @@ def test_output_folder_refuses_existing_content(tmp_path):
     with pytest.raises(CheckpointError, match="parent folder .* does not exist"):
         with output_folder(tmp_path / "no" / "such"):
             pass
+
+
+def test_tensor_regions_in_any_order_read_back(tmp_path):
+    """Regions written in place, shuffled: whole rows (pwrite), column blocks and a 3-D block
+    that is not one byte range (mmap), single rows of a 3-D tensor, a 0-d tensor."""
+    g = torch.Generator().manual_seed(1)
+    tensors = {"m": torch.randn(7, 5, generator=g), "e": torch.randn(3, 4, 6, generator=g),
+               "s": torch.tensor(2.5), "b": torch.randn(5, 3, generator=g).to(torch.bfloat16)}
+    regions = {
+        "m": [(slice(3, 7), slice(0, 5)), (slice(0, 3), slice(2, 5)), (slice(0, 3), slice(0, 2))],
+        "e": [(slice(2, 3), slice(2, 4), slice(0, 6)), (slice(0, 3), slice(0, 2), slice(0, 6)),
+              (slice(1, 2), slice(3, 4), slice(0, 6)), (slice(0, 2), slice(2, 3), slice(0, 6)),
+              (slice(0, 1), slice(3, 4), slice(0, 6))],
+        "s": [(slice(0, 1),)],
+        "b": [(slice(0, 5), slice(1, 3)), (slice(0, 5), slice(0, 1))],
+    }
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    w = ShardWriter(tmp_path, plan_shards(specs, max_shard_bytes=100), fsync=False)
+    for n, t in tensors.items():
+        bits = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).reshape(t.shape or (1,)).numpy()
+        with w.tensor(n) as slot:
+            for r in regions[n]:
+                slot.write(r, bits[r])
+    w.finish()
+    index = json.loads((tmp_path / INDEX_NAME).read_text())
+    for n, t in tensors.items():
+        with safe_open(tmp_path / index["weight_map"][n], "pt") as f:
+            assert torch.equal(f.get_tensor(n), t), n
+
+
+def test_tensor_refuses_a_missing_region(tmp_path):
+    w = ShardWriter(tmp_path, plan_shards([TensorSpec("m", (4, 2), torch.float32)], 1000), fsync=False)
+    with pytest.raises(RuntimeError, match="got 16 bytes, planned 32"):
+        with w.tensor("m") as slot:
+            slot.write((slice(0, 2), slice(0, 2)), torch.zeros(2, 2).numpy())
+    w.abort()
