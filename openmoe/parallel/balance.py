@@ -201,6 +201,11 @@ class ExpertBalancer:
             load.zero_()
         return report
 
+    def _move(self, layer, old: list[int], new: list[int]) -> None:
+        if layer.dispatcher.placement.tolist() != list(old):
+            raise ValueError(f"expert placement {layer.dispatcher.placement.tolist()} is not {old}")
+        move_layer(layer, self.optimizer, self.ps, new)
+
     def state(self) -> list[list[int]]:
         return [m.dispatcher.placement.tolist() for m in self.layers]
 
