@@ -89,14 +89,6 @@ def _global_shape(p: torch.Tensor, ps: ParallelState) -> tuple:
     return shape
 
 
-def _sharded_like(p, local_shape: tuple, dtype: torch.dtype):
-    """Zeros of EP-local shape `local_shape` ([E_l, ...]) split over p's mesh as FSDP2 split p:
-    rows chunked on dim 0 (a per-expert optimizer state of an FSDP-sharded parameter)."""
-    from torch.distributed.tensor import zeros
-
-    return zeros(local_shape, dtype=dtype, device_mesh=p.device_mesh, placements=p.placements)
-
-
 def _params(model) -> dict[str, torch.nn.Parameter]:
     return dict(model.named_parameters())
 
@@ -242,10 +234,9 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple
         local_shape = (p.shape[0], *shape[1:]) if p.dim() > 0 else shape
         per_expert = (is_expert(p) and len(shape) == p.dim() > 0 and shape[0] == _global_shape(p, ps)[0]
                       and is_expert_state(p, torch.empty(local_shape, device="meta")))
-        if per_expert and is_sharded(p):  # Adafactor's factors of an FSDP-sharded expert
-            keep[key] = _sharded_like(p, local_shape, dtype)
-            out[key] = _global(keep[key], True, ps)
-            continue
+        if per_expert and is_sharded(p):  # not p's shape: Adafactor's factors, which FSDP2 cannot run
+            raise ValueError(f"checkpoint {path}: {key} is a factored state of an FSDP-sharded expert "
+                             f"(torch's Adafactor does not run on FSDP2 parameters)")
         local = torch.empty(local_shape if per_expert else shape, dtype=dtype, device=p.device)
         out[key] = _global(local, per_expert, ps)
     return out, keep
