@@ -35,6 +35,11 @@ class DispatchPlan:
     top_k: int
     kept_N: torch.Tensor | None = None  # bool, row is a kept assignment; None when all are
     keep_S: torch.Tensor | None = None  # bool, slot is kept; None when all are
+    # set by an expert-parallel dispatcher (parallel/expert_parallel.py): the layout of this call
+    # ("ep": tokens travel by all_to_all, "gather": experts travel) and, for "ep", the exchange's
+    # splits and permutation (an EPExchange); a local plan leaves both unset
+    mode: str | None = None
+    exchange: object | None = None
 
 
 def max_kept_rows(routing: Routing, num_experts: int) -> int:

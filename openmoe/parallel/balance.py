@@ -2,10 +2,11 @@
 
 Every N steps, from the measured per-expert load, search for a placement of experts on EP
 ranks (each rank keeps E/ep slots) that minimises the most loaded rank, then move the expert
-weights and their optimizer state to their new slots (experts FSDP-sharded over dp included:
-gathered over dp, moved, re-split). Routing is in logical expert ids and is
-untouched, so the loss is unchanged; only the all_to_all traffic and the per-rank expert work
-become even.
+weights and their optimizer state (AdamW's moments, Adafactor's factored statistics) to their
+new slots (experts FSDP-sharded over dp included: gathered over dp, moved, re-split).
+Routing is in logical expert ids and is untouched, so the loss is unchanged; only the all_to_all
+traffic and the per-rank expert work become even. Checkpoints hold experts in logical order
+(`logical_order` around the save); a resumed run moves them back to the saved placement.
 
 Search: beam search over experts in decreasing load (each state a partial assignment; keep the
 `beam` states with the smallest (max rank load, sum of squared rank loads)), then pairwise
@@ -14,11 +15,13 @@ swaps between the most loaded rank and the others while they lower the maximum.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
-from .expert_parallel import AllToAllDispatcher
-from .grads import is_sharded
+from .grads import is_expert_state, is_sharded
+from .layers import expert_parallel_layers
 from .mesh import ParallelState
 
 
@@ -114,14 +117,61 @@ def move_experts(tensors: list[torch.Tensor], old: list[int], new: list[int], gr
     return out
 
 
+def move_layer(layer, optimizer, ps: ParallelState, new: list[int]) -> None:
+    """Move the layer's expert weights and their per-expert optimizer state (AdamW's moments,
+    Adafactor's factored statistics: grads.is_expert_state) from the layer's placement to `new`.
+    Experts FSDP-sharded over dp (parallel/fsdp.py) are all-gathered over dp into the whole EP
+    block first (every dp replica then moves the same block over its own EP group) and each rank
+    keeps its own rows again; the FSDP parameters keep their storage."""
+    from .fsdp import local_rows
+
+    old = layer.dispatcher.placement.tolist()
+    if old == list(new):
+        return
+    params = layer.experts.stacked_parameters()
+    targets = list(params)
+    for p in params:
+        targets += [v for v in optimizer.state.get(p, {}).values() if is_expert_state(p, v)]
+    blocks = [t.detach().full_tensor() if is_sharded(t) else t.detach() for t in targets]
+    moved = move_experts(blocks, old, list(new), ps.ep_group, ps.ep, dist.get_rank(ps.ep_group))
+    with torch.no_grad():
+        for t, m in zip(targets, moved):
+            if is_sharded(t):
+                local = t.to_local()
+                lo, hi = local_rows(m.shape[0], ps)
+                if local.shape[0] != hi - lo:
+                    raise RuntimeError(f"expert shard of {local.shape[0]} rows, expected rows [{lo}, {hi})")
+                local.copy_(m[lo:hi])
+            else:
+                t.copy_(m)
+    layer.dispatcher.placement = torch.tensor(list(new))
+
+
+def place_experts(model, optimizer, ps: ParallelState, placements: list[list[int]] | None) -> None:
+    """Move the experts of every expert-parallel layer to placements[i] (None: every expert in
+    its logical slot, the identity)."""
+    for i, (_, layer) in enumerate(expert_parallel_layers(model)):
+        new = list(range(layer.num_experts)) if placements is None else placements[i]
+        move_layer(layer, optimizer, ps, new)
+
+
+@contextmanager
+def logical_order(model, optimizer, ps: ParallelState):
+    """Experts in logical order (slot e holds expert e) inside the block, as they were after it:
+    what a checkpoint stores, so any ep and any placement reads expert e as expert e."""
+    before = [layer.dispatcher.placement.tolist() for _, layer in expert_parallel_layers(model)]
+    place_experts(model, optimizer, ps, None)
+    try:
+        yield
+    finally:
+        place_experts(model, optimizer, ps, before)
+
+
 class ExpertBalancer:
     """Accumulates per-layer expert loads; every `every` steps re-places experts."""
 
     def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print):
-        from ..moe.layer import MoELayer
-
-        self.layers = [m for m in model.modules()
-                       if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)]
+        self.layers = [m for _, m in expert_parallel_layers(model)]
         self.optimizer, self.ps, self.every, self.log = optimizer, ps, every, log
         self.loads = [torch.zeros(m.num_experts, dtype=torch.float64) for m in self.layers]
 
@@ -138,51 +188,36 @@ class ExpertBalancer:
         report = []
         for layer, load in zip(self.layers, self.loads):
             dist.all_reduce(load, group=self.ps.world_group)  # global load, same on every rank
-            disp = layer.dispatcher
-            old = disp.placement.tolist()
+            old = layer.dispatcher.placement.tolist()
             new = search_placement(load.tolist(), self.ps.ep)
             before = rank_loads(load.tolist(), old, self.ps.ep)
             after = rank_loads(load.tolist(), new, self.ps.ep)
             if max(after) < max(before) - 1e-9:
-                self._move(layer, old, new)
+                move_layer(layer, self.optimizer, self.ps, new)
             else:
-                new, after = old, before
+                after = before
             mean = sum(before) / len(before) or 1.0
             report.append({"max_over_mean_before": max(before) / mean, "max_over_mean_after": max(after) / mean})
             load.zero_()
         return report
 
     def _move(self, layer, old: list[int], new: list[int]) -> None:
-        """Move the layer's expert weights and their optimizer state to the new slots. Experts
-        FSDP-sharded over dp (parallel/fsdp.py) are all-gathered over dp into the whole EP
-        block first (every dp replica then moves the same block over its own EP group) and
-        each rank keeps its own rows again; the FSDP parameters keep their storage."""
-        from .fsdp import local_rows
-
-        ex = layer.experts
-        params = ex.stacked_parameters()
-        targets = list(params)
-        for p in params:  # optimizer state tensors shaped like the parameter move with it
-            for k, v in self.optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v) and v.shape == p.shape:
-                    targets.append(v)
-        blocks = [t.detach().full_tensor() if is_sharded(t) else t.detach() for t in targets]
-        moved = move_experts(blocks, old, new, self.ps.ep_group, self.ps.ep, dist.get_rank(self.ps.ep_group))
-        with torch.no_grad():
-            for t, m in zip(targets, moved):
-                if is_sharded(t):
-                    local = t.to_local()
-                    lo, hi = local_rows(m.shape[0], self.ps)
-                    if local.shape[0] != hi - lo:
-                        raise RuntimeError(f"expert shard of {local.shape[0]} rows, expected rows [{lo}, {hi})")
-                    local.copy_(m[lo:hi])
-                else:
-                    t.copy_(m)
-        layer.dispatcher.placement = torch.tensor(new)
+        if layer.dispatcher.placement.tolist() != list(old):
+            raise ValueError(f"expert placement {layer.dispatcher.placement.tolist()} is not {old}")
+        move_layer(layer, self.optimizer, self.ps, new)
 
     def state(self) -> list[list[int]]:
         return [m.dispatcher.placement.tolist() for m in self.layers]
 
     def load_state(self, placements: list[list[int]]) -> None:
+        """Back to the placements of a resumed run: the checkpoint loaded the experts in logical
+        order (training/checkpoint.py), so they move, with their optimizer state. A placement is
+        a permutation of the E global slots, valid at any ep dividing E."""
+        if not self.layers:
+            return  # ep = 1: nothing to place
+        if len(placements) != len(self.layers) or any(sorted(p) != list(range(m.num_experts))
+                                                      for p, m in zip(placements, self.layers)):
+            raise ValueError(f"expert placement of the checkpoint does not fit this model's {len(self.layers)} "
+                             f"MoE layers (each a permutation of its experts)")
         for m, p in zip(self.layers, placements):
-            m.dispatcher.placement = torch.tensor(p)
+            move_layer(m, self.optimizer, self.ps, p)

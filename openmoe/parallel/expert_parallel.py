@@ -200,12 +200,12 @@ class AdaptiveLayout:
 
 def set_expert_layout(model: torch.nn.Module, layout: str) -> None:
     """Switch every expert-parallel MoE layer of `model` to layout "ep", "gather" or "auto"."""
-    for m in model.modules():
-        disp = getattr(m, "dispatcher", None)
-        if isinstance(disp, AllToAllDispatcher):
-            if layout != "ep":
-                _stacked(m.experts)  # fail now, with the reason, not mid-step
-            disp.layout = AdaptiveLayout(layout)
+    from .layers import expert_parallel_layers
+
+    for _, m in expert_parallel_layers(model):
+        if layout != "ep":
+            _stacked(m.experts)  # fail now, with the reason, not mid-step
+        m.dispatcher.layout = AdaptiveLayout(layout)
 
 
 def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup, layout: str = "ep") -> int:
@@ -215,11 +215,11 @@ def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup, layout: str 
     Every rank must hold the same full expert set before the call (same seed, or broadcast):
     slicing it is what makes expert init differ across EP ranks, match across replicas, and
     equal one process holding all experts. A layer shared by several blocks is sharded once."""
-    from ..moe.layer import MoELayer
+    from .layers import moe_layers
 
     n = 0
-    for layer in model.modules():  # unique modules: shared (WideNet) layers come once
-        if not isinstance(layer, MoELayer) or isinstance(layer.dispatcher, AllToAllDispatcher):
+    for _, layer in moe_layers(model):  # unique modules: shared (WideNet) layers come once
+        if isinstance(layer.dispatcher, AllToAllDispatcher):
             continue
         disp = AllToAllDispatcher(group, layer.num_experts, layout)
         if layout != "ep":

@@ -1,6 +1,7 @@
 """One consolidated HF folder from a distributed model, streamed: each tensor is gathered
 (FSDP shards over all ranks, experts over their EP group) and appended to the current
-safetensors shard on rank 0, then dropped; no rank ever holds the whole model at once."""
+safetensors shard on rank 0, then dropped; no rank ever holds the whole model at once.
+Experts are written in logical order (expert e at row e), whatever the balancer's placement."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .grads import is_expert
+from .layers import expert_parallel_layers
 from .mesh import ParallelState
 
 
@@ -19,15 +22,18 @@ def export_distributed(model, tokenizer, out: str | os.PathLike, ps: ParallelSta
     from ..remote_code import AUTO_MAP, write_remote_code
 
     sd = model.state_dict()
-    placement = {}  # "model.layers.3.mlp." -> logical expert -> physical slot
-    for name, mod in model.named_modules():
-        disp = getattr(mod, "dispatcher", None)
-        if disp is not None and hasattr(disp, "placement"):
-            placement[name + "."] = disp.placement
+    # expert tensors by their marker (grads.is_expert), each with its layer's placement
+    # (logical expert -> physical slot); nothing assumes the model's parameter names
+    placement = {}
+    for layer_name, layer in expert_parallel_layers(model):
+        prefix = f"{layer_name}.experts." if layer_name else "experts."
+        for n, p in layer.experts.named_parameters():
+            if is_expert(p):
+                placement[prefix + n] = layer.dispatcher.placement
     full_shapes = {}
     for name, t in sd.items():
         shape = tuple(t.shape)  # a DTensor reports its global shape
-        if ".mlp.experts." in name and ps.ep > 1:
+        if name in placement:
             shape = (shape[0] * ps.ep, *shape[1:])
         full_shapes[name] = shape
     names = sorted(sd)
@@ -46,13 +52,10 @@ def export_distributed(model, tokenizer, out: str | os.PathLike, ps: ParallelSta
         for name in names:
             t = sd[name].detach()
             t = (t.full_tensor() if hasattr(t, "full_tensor") else t).contiguous().cpu()
-            if ".mlp.experts." in name and ps.ep > 1:
+            if name in placement:
                 parts = [torch.empty_like(t) for _ in range(ps.ep)]
                 dist.all_gather(parts, t, group=ps.ep_group)
-                t = torch.cat(parts)  # physical slot order
-                prefix = name[: name.index("experts.")]
-                if prefix in placement:
-                    t = t[placement[prefix]]  # back to logical expert order
+                t = torch.cat(parts)[placement[name]]  # physical slot order -> logical expert order
             if writer is not None:
                 writer.write(name, [t])
             del t

@@ -53,13 +53,26 @@ from __future__ import annotations
 
 import torch
 
+from .layers import moe_layers
 from .mesh import ParallelState
 
 
-def _moe_layers(model: torch.nn.Module) -> list:
-    from ..moe.layer import MoELayer
-
-    return [m for m in model.modules() if isinstance(m, MoELayer)]  # unique modules
+def block_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks (decoder layers), one FSDP unit each: the outermost modules
+    whose class HF names in `_no_split_modules` (what accelerate's device maps keep whole), so
+    no attribute path such as `model.layers` is assumed."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if not names:
+        raise ValueError(f"FSDP2: {type(model).__name__} names no block classes in _no_split_modules, so its "
+                         f"decoder layers (one FSDP unit each) cannot be found")
+    found, inside = [], set()
+    for m in model.modules():
+        if type(m).__name__ in names and id(m) not in inside:
+            found.append(m)
+            inside.update(id(c) for c in m.modules())  # nested blocks belong to this unit
+    if not found:
+        raise ValueError(f"FSDP2: no module of {type(model).__name__} is one of its _no_split_modules {sorted(names)}")
+    return found
 
 
 def check_shard_size(shard_size: int, world: int) -> None:
@@ -94,7 +107,7 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     device = "cuda" if next(model.parameters()).is_cuda else "cpu"
     world_mesh = dense_mesh(ps, k, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
-    moe = _moe_layers(model)
+    moe = [m for _, m in moe_layers(model)]
     if shard_experts and ps.dp > 1 and not hybrid:
         dp_mesh = ps.mesh["dp"]
         for layer in moe:
@@ -115,8 +128,7 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     # experts not sharded above stay out of FSDP (replicated over dp, reduced by sync_gradients);
     # sharded ones belong to their own unit, which the outer units skip
     ignored = {p for m in moe for p in m.experts.parameters() if not is_sharded(p)}
-    base = model.model if hasattr(model, "model") else model
-    units = list(base.layers) + [model]
+    units = block_modules(model) + [model]
     for unit in units:
         fully_shard(unit, mesh=world_mesh, mp_policy=mp, ignored_params=ignored)
     if hybrid and device != "cuda":  # CPU/gloo: SUM collectives only, then / world
@@ -124,20 +136,17 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
             unit.set_force_sum_reduction_for_comms(True)
 
 
-_EXPERT_MESHES: dict[int, tuple] = {}  # id(ps.mesh) -> (ps.mesh, its (ep, dp) view)
-
-
 def expert_mesh(ps: ParallelState):
     """ps.mesh's ranks ordered (ep, dp): mesh[e, d] = the rank at (dp = d, ep = e), built on the
-    existing ep and dp process groups (no new groups), so DTensors over it can communicate."""
+    existing ep and dp process groups (no new groups), so DTensors over it can communicate.
+    Built once per ParallelState and kept on it (ps.expert_mesh)."""
     from torch.distributed.device_mesh import DeviceMesh
 
-    hit = _EXPERT_MESHES.get(id(ps.mesh))
-    if hit is None or hit[0] is not ps.mesh:
-        view = DeviceMesh.from_group([ps.mesh.get_group("ep"), ps.mesh.get_group("dp")], ps.mesh.device_type,
-                                     mesh=ps.mesh.mesh.t().contiguous(), mesh_dim_names=("ep", "dp"))
-        hit = _EXPERT_MESHES[id(ps.mesh)] = (ps.mesh, view)
-    return hit[1]
+    if ps.expert_mesh is None:
+        ps.expert_mesh = DeviceMesh.from_group([ps.mesh.get_group("ep"), ps.mesh.get_group("dp")],
+                                               ps.mesh.device_type, mesh=ps.mesh.mesh.t().contiguous(),
+                                               mesh_dim_names=("ep", "dp"))
+    return ps.expert_mesh
 
 
 def global_expert(t, ps: ParallelState):

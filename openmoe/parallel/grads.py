@@ -30,6 +30,15 @@ def is_expert(p: torch.Tensor) -> bool:
     return getattr(p, "_ep_expert", False)
 
 
+def is_expert_state(p: torch.Tensor, v) -> bool:
+    """Whether optimizer state `v` of parameter `p` holds one slice per expert of p's EP block:
+    a tensor of p's rank with p's leading (expert) dimension. AdamW's moments are shaped like p;
+    Adafactor's factored second moments are [E_l, H, 1] and [E_l, 1, I]. Such states live with
+    their expert: split by EP, moved by the balancer, saved per expert."""
+    return (is_expert(p) and torch.is_tensor(v) and p.dim() > 0 and v.dim() == p.dim()
+            and v.shape[0] == p.shape[0])
+
+
 def _allreduce_sum(grads: list[torch.Tensor], group, scale: float) -> None:
     if not grads:
         return

@@ -9,7 +9,7 @@ dp group.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -26,6 +26,9 @@ class ParallelState:
     world_group: dist.ProcessGroup | None = None
     ep_group: dist.ProcessGroup | None = None  # ranks that split the experts between them
     dp_group: dist.ProcessGroup | None = None  # ranks that hold the same experts
+    # mesh's ranks ordered (ep, dp), over the same groups: FSDP-sharded experts as global DTensors
+    # (checkpoints); built on first use by parallel.fsdp.expert_mesh
+    expert_mesh: object | None = field(default=None, repr=False, compare=False)
 
     @property
     def distributed(self) -> bool:

@@ -7,8 +7,12 @@ checkpoint does not depend on the layout that wrote it:
   - FSDP2 shards of non-expert tensors as the DTensors FSDP2 made (sharded over all ranks, or
     under hybrid sharding over the 2-D (replicate, shard) mesh with [Replicate(), Shard(0)]:
     DCP writes each shard once and reads it into every replica);
-  - expert tensors (parameters and the optimizer states shaped like them) as global [E, ...]
-    DTensors: replicated over dp, EP blocks as DTensors over the (dp, ep) mesh with
+  - expert tensors (parameters and their per-expert optimizer states: AdamW's moments,
+    Adafactor's factored [E, H, 1] / [E, 1, I] statistics) as global [E, ...] DTensors in
+    LOGICAL expert order (a balanced run's experts are moved to logical order around the save,
+    parallel/balance.logical_order, and back; a resumed run loads them in logical order and the
+    trainer moves them to the saved placement), so any ep and any placement reads expert e as
+    expert e. Replicated over dp, EP blocks as DTensors over the (dp, ep) mesh with
     [Replicate(), Shard(0)]; FSDP-sharded over dp (parallel/fsdp.py, fsdp_experts) as DTensors
     over the same ranks ordered (ep, dp) with [Shard(0), Shard(0)]: the rank at (dp = d,
     ep = e) holds rows chunk d (torch.chunk, uneven when E_l % dp != 0) of EP block e, which is
@@ -41,8 +45,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from ..parallel.balance import logical_order
 from ..parallel.fsdp import global_expert
-from ..parallel.grads import is_expert, is_sharded
+from ..parallel.layers import expert_parallel_layers
+from ..parallel.grads import is_expert, is_expert_state, is_sharded
 from ..parallel.mesh import ParallelState
 from ..utils.manifest import ManifestError, has_manifest, verify_manifest, write_manifest
 
@@ -97,9 +103,8 @@ def _optim_state(model, optimizer, ps: ParallelState) -> dict:
     out = {}
     for name, p in _params(model).items():
         for k, v in optimizer.state.get(p, {}).items():
-            if torch.is_tensor(v):
-                sharded = is_expert(p) and v.shape == p.shape
-                out[f"optim.{name}.{k}"] = _global(v, sharded, ps)
+            if torch.is_tensor(v):  # per-expert states (Adafactor's factors too) are split like p
+                out[f"optim.{name}.{k}"] = _global(v, is_expert_state(p, v), ps)
     return out
 
 
@@ -114,7 +119,7 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
         tmp.mkdir()
     _barrier(ps)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), logical_order(model, optimizer, ps):
             warnings.simplefilter("ignore")  # single-process DCP warns that it assumes one process
             dcp.save({**_model_state(model, ps), **_optim_state(model, optimizer, ps)}, checkpoint_id=str(tmp))
         rng = {"cpu": torch.get_rng_state()}
@@ -126,7 +131,8 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
         raise _write_error(e, tmp) from None
     if ps.is_main:
         (tmp / "trainer_state.json").write_text(json.dumps(
-            {"step": step, "world": ps.world, "ep": ps.ep, "scheduler": scheduler.state_dict(), **state}))
+            {"step": step, "world": ps.world, "ep": ps.ep, "expert_order": "logical",
+             "scheduler": scheduler.state_dict(), **state}))
     _barrier(ps)
     if ps.is_main:
         write_manifest(tmp)  # last, every rank's files in it: the folder is whole
@@ -224,9 +230,15 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple
             keep[key] = torch.zeros_like(p, dtype=dtype)
             out[key] = _global(keep[key], is_expert(p), ps)
             continue
-        sharded = is_expert(p) and len(shape) == p.dim() and shape[1:] == tuple(p.shape[1:]) and p.dim() > 0
-        local_shape = tuple(p.shape) if sharded else shape
-        out[key] = _global(torch.empty(local_shape, dtype=dtype, device=p.device), sharded, ps)
+        # a per-expert state (grads.is_expert_state) of the global [E, ...] shape: this rank's rows
+        local_shape = (p.shape[0], *shape[1:]) if p.dim() > 0 else shape
+        per_expert = (is_expert(p) and len(shape) == p.dim() > 0 and shape[0] == _global_shape(p, ps)[0]
+                      and is_expert_state(p, torch.empty(local_shape, device="meta")))
+        if per_expert and is_sharded(p):  # not p's shape: Adafactor's factors, which FSDP2 cannot run
+            raise ValueError(f"checkpoint {path}: {key} is a factored state of an FSDP-sharded expert "
+                             f"(torch's Adafactor does not run on FSDP2 parameters)")
+        local = torch.empty(local_shape if per_expert else shape, dtype=dtype, device=p.device)
+        out[key] = _global(local, per_expert, ps)
     return out, keep
 
 
@@ -283,7 +295,23 @@ def _short_file(path: Path) -> Path | None:
     return None
 
 
+def _physical_placement(path: Path, state: dict, model) -> list[list[int]] | None:
+    """The placement a checkpoint written before experts were saved in logical order holds its
+    experts in (None: logical order). Such a checkpoint loads only where the placement can be
+    set again: with expert parallelism."""
+    placement = state.get("placement") or []
+    if state.get("expert_order") == "logical" or all(p == sorted(p) for p in placement):
+        return None
+    if not expert_parallel_layers(model):
+        raise ValueError(f"checkpoint {path}: experts saved in the physical slot order of a balanced run "
+                         f"(an older format); resume it with --ep {state.get('ep')}, save once, then at any ep")
+    return placement
+
+
 def _load(path: Path, state: dict, model, optimizer, scheduler, ps: ParallelState) -> dict:
+    physical = _physical_placement(path, state, model)
+    for i, (_, layer) in enumerate(expert_parallel_layers(model)):  # the layout the checkpoint holds
+        layer.dispatcher.placement = torch.tensor(physical[i] if physical else list(range(layer.num_experts)))
     optim_sd, keep = _empty_optim_state(model, optimizer, path, ps)
     sd = {**_model_state(model, ps), **optim_sd}
     with warnings.catch_warnings():

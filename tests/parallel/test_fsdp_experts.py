@@ -9,6 +9,7 @@ import json
 import os
 import sys
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from helpers import free_port
@@ -130,3 +131,15 @@ def test_experts_sharded_over_dp_equal_one_process(tmp_path):
     meta = dcp.FileSystemReader(str(tmp_path / "ckpt" / "step_00000001")).read_metadata().state_dict_metadata
     assert tuple(meta["model.model.layers.1.mlp.experts.wi_gate"].size)[0] == 6  # global [E, ...]
     assert tuple(meta["optim.model.layers.1.mlp.experts.wo.exp_avg"].size)[0] == 6
+
+
+def test_fsdp_units_are_the_no_split_blocks(tiny):
+    """FSDP2's per-block units come from the model's _no_split_modules classes (outermost ones),
+    not from an attribute path; a model naming none is refused with the reason."""
+    from openmoe import OpenMoeForCausalLM
+    from openmoe.parallel.fsdp import block_modules
+
+    model = OpenMoeForCausalLM(tiny())
+    assert block_modules(model) == list(model.model.layers)
+    with pytest.raises(ValueError, match="_no_split_modules"):
+        block_modules(torch.nn.Sequential(torch.nn.Linear(2, 2)))
