@@ -34,6 +34,17 @@ def _ep_offsets(model: nn.Module) -> dict[str, int]:
     return out
 
 
+def _to_empty(model: nn.Module, device) -> None:
+    """model.to_empty, keeping the marks set on parameters (`_ep_expert`, ...): meta -> a real
+    device makes new Parameter objects, and sync_gradients reads those marks."""
+    marks = {n: dict(p.__dict__) for n, p in model.named_parameters()}
+    model.to_empty(device=device)
+    for n, p in model.named_parameters():
+        for k, v in marks[n].items():
+            if not hasattr(p, k):
+                setattr(p, k, v)
+
+
 def local_index(name: str, p: torch.Tensor, ep_lo: dict[str, int]) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(offsets, sizes) of this rank's part of parameter `name` within the full (unsharded) tensor."""
     shape, offset = tuple(p.shape), (0,) * p.dim()
@@ -103,7 +114,7 @@ def _buffers(model: nn.Module) -> None:
 def materialize_fresh(model: nn.Module, device: torch.device | str, seed: int) -> nn.Module:
     """to_empty on `device`, then every parameter's local part from its per-tensor init."""
     ep_lo = _ep_offsets(model)
-    model.to_empty(device=device)
+    _to_empty(model, device)
     for name, p in model.named_parameters():
         offset, shape = local_index(name, p, ep_lo)
         full_shape = _full_shape(model, name, p)
@@ -165,7 +176,7 @@ def materialize_from(model: nn.Module, folder: str | Path, device: torch.device 
     folder = Path(folder)
     files = _weight_files(folder)
     ep_lo = _ep_offsets(model)
-    model.to_empty(device=device)
+    _to_empty(model, device)
     params = dict(model.named_parameters())
     by_file: dict[Path, list[tuple[str, str]]] = {}
     for name in params:

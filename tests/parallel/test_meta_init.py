@@ -43,7 +43,10 @@ def _worker(rank, world, ep, fsdp, folder, port, out_dir):
     else:
         materialize_fresh(model, "cpu", seed=7)
         ref = _reference(7)
+    from openmoe.parallel.grads import is_expert
+
     refp = dict(ref.named_parameters())
+    marked = sorted(n for n, p in model.named_parameters() if is_expert(p))  # sync_gradients reads it
     El = ref.config.num_experts // ep
     err = 0.0
     for n, p in model.named_parameters():
@@ -56,7 +59,7 @@ def _worker(rank, world, ep, fsdp, folder, port, out_dir):
     x = torch.randint(2, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     rope = float((model.model.rotary_emb.inv_freq - ref.model.rotary_emb.inv_freq).abs().max())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump({"err": err, "rope": rope, "n": len(refp)}, f)
+        json.dump({"err": err, "rope": rope, "n": len(refp), "marked": marked}, f)
     dist.destroy_process_group()
 
 
@@ -65,6 +68,7 @@ def _run(tmp_path, world, ep, fsdp, folder=""):
     for r in range(world):
         res = json.load(open(tmp_path / f"rank{r}.json"))
         assert res["err"] == 0.0 and res["rope"] == 0.0, (r, res)
+        assert len(res["marked"]) == (2 * 3 if ep > 1 else 0), res["marked"]  # 2 MoE layers x 3 stacks
 
 
 def test_per_tensor_init_at_one_process_matches_meta_path():
