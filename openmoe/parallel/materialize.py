@@ -188,10 +188,10 @@ def materialize_from(model: nn.Module, folder: str | Path, device: torch.device 
                 p = params[name]
                 offset, shape = local_index(name, p, ep_lo)
                 sl = f.get_slice(key)
-                full_shape = tuple(sl.get_shape())
-                if len(full_shape) != len(shape):
-                    raise ValueError(f"init_from {folder}: {key} has shape {full_shape}, the model "
-                                     f"expects rank {len(shape)}")
+                want = _full_shape(model, name, p)
+                if tuple(sl.get_shape()) != want:
+                    raise ValueError(f"{path.name}: {key} has shape {tuple(sl.get_shape())}, the model "
+                                     f"expects {want}")
                 _fill(p, sl[tuple(slice(o, o + s) for o, s in zip(offset, shape))])
     _buffers(model)
     return model
