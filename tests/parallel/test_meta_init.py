@@ -55,7 +55,7 @@ def _worker(rank, world, ep, fsdp, folder, port, out_dir):
         if ".experts." in n and ep > 1:
             e = dist.get_rank(ps.ep_group)
             r = r[e * El:(e + 1) * El]
-        err = max(err, float((t - r).abs().max()))
+        err = max(err, float((t - r).detach().abs().max()))
     x = torch.randint(2, 97, (2, 12), generator=torch.Generator().manual_seed(1))
     rope = float((model.model.rotary_emb.inv_freq - ref.model.rotary_emb.inv_freq).abs().max())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
