@@ -105,9 +105,10 @@ def _part(full, offset, shape):
 
 @torch.no_grad()
 def _buffers(model: nn.Module) -> None:
-    """Non-persistent buffers (rope inv_freq) are recomputed by the model's own init."""
+    """Buffers (rope inv_freq, not saved) are recomputed by the model's own init; only modules
+    that own buffers and no parameters, so that no parameter is drawn again."""
     for m in model.modules():
-        if any(True for _ in m.buffers(recurse=False)):
+        if any(True for _ in m.buffers(recurse=False)) and not any(True for _ in m.parameters(recurse=False)):
             model._init_weights(m)
 
 
