@@ -104,7 +104,8 @@ def apply_fsdp(model: torch.nn.Module, ps: ParallelState, param_dtype: torch.dty
     k = ps.world if shard_size is None else shard_size
     check_shard_size(k, ps.world)
     hybrid = k < ps.world
-    device = "cuda" if next(model.parameters()).is_cuda else "cpu"
+    p0 = next(model.parameters())  # a meta model: the mesh's device (materialised there later)
+    device = ps.mesh.device_type if p0.is_meta else ("cuda" if p0.is_cuda else "cpu")
     world_mesh = dense_mesh(ps, k, device)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     moe = [m for _, m in moe_layers(model)]

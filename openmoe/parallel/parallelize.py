@@ -12,7 +12,8 @@ from .mesh import ParallelState
 
 def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool | int = False,
                 param_dtype: torch.dtype | None = None, fsdp_experts: bool = True) -> torch.nn.Module:
-    """Give every rank rank 0's initial values (broadcast), split experts over the EP group, and
+    """Give every rank rank 0's initial values (broadcast; not for a model on `meta`, which each
+    rank materialises afterwards: openmoe/parallel/materialize.py), split experts over the EP group, and
     with fsdp=True (or fsdp = world) shard the non-expert parameters over all ranks with FSDP2 and
     (fsdp_experts, dp > 1) each EP rank's experts over its dp replicas; with an int 1 < fsdp <
     world, hybrid sharding: non-expert parameters sharded over groups of `fsdp` consecutive ranks,
@@ -28,8 +29,9 @@ def parallelize(model: torch.nn.Module, ps: ParallelState, fsdp: bool | int = Fa
         check_shard_size(shard_size, ps.world)  # before any collective
     import torch.distributed as dist
 
-    for t in list(model.parameters()) + list(model.buffers()):
-        dist.broadcast(t.data, src=0, group=ps.world_group)
+    if not next(model.parameters()).is_meta:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data, src=0, group=ps.world_group)
     if ps.ep > 1:
         if shard_experts(model, ps.ep_group) == 0:
             raise ValueError("ep > 1 but the model has no MoE layer")

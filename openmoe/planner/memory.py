@@ -328,6 +328,18 @@ def _rows_value(rows: list, label: str) -> float:
     return next(b for lab, b, _ in rows if lab == label)
 
 
+def load_time_host_bytes(config, layout: Layout | None = None, fresh: bool = True) -> float:
+    """Host bytes per rank while the trainer materialises a meta-built model (full fine-tuning,
+    openmoe/parallel/materialize.py): its own fp32 shards, plus (fresh init) one full fp32 tensor,
+    the largest, which every rank draws whole before keeping its slice. init_from reads only the
+    slices (safetensors get_slice): its own shards. On a GPU the shards live on the device; the
+    one full tensor is what the host holds."""
+    lay = (layout or Layout()).check(config.num_experts)
+    params = inventory(config)
+    own = sum(4.0 * p.numel / _shard(p, lay) for p in params)
+    return own + (4.0 * max(p.numel for p in params) if fresh else 0.0)
+
+
 def plan_memory(config, w: Workload, layout: Layout | None = None) -> MemoryPlan:
     """The per-rank plan of one training step of `config` under workload `w` and `layout`."""
     lay = (layout or Layout()).check(config.num_experts)
@@ -349,6 +361,9 @@ def plan_memory(config, w: Workload, layout: Layout | None = None) -> MemoryPlan
         load = _rows_value(rows, "parameters") + experts * (w.c - QUANT_BITS[w.quantize] / 8)
         rows.append(("load-time peak (QLoRA)", load, "base loaded with the experts not yet quantized"))
         peak, at = max((peak, at), (load, "loading (experts not yet quantized)"))
+    elif not w.peft:  # built on meta, each rank materialises its shards: below the step's peak
+        rows.append(("load-time peak (host, fresh init)", load_time_host_bytes(config, lay),
+                     "own fp32 shards + the largest full tensor, drawn whole then sliced"))
     if w.device.startswith("cuda"):
         allowance = CUDA_CONTEXT + CUDA_FRAGMENTATION * peak
         rows.append(("CUDA context + allocator slack", allowance, "allowance: 0.75 GiB + 5% of the peak"))

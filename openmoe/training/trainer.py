@@ -102,10 +102,22 @@ class Trainer:
                 check_shard_size(cfg.fsdp, self.ps.world)
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-        self.model = parallelize(self._build_model().to(self.device), self.ps,
+        model = self._build_model()
+        on_meta = next(model.parameters()).is_meta
+        self.model = parallelize(model if on_meta else model.to(self.device), self.ps,
                                  fsdp=cfg.fsdp,
                                  param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
                                  fsdp_experts=cfg.fsdp_experts)
+        if on_meta:  # each rank allocates and fills only its own shards (openmoe/parallel/materialize.py)
+            from ..parallel.materialize import materialize_fresh, materialize_from
+
+            try:
+                if cfg.init_from:
+                    materialize_from(self.model, cfg.init_from, self.device)
+                else:
+                    materialize_fresh(self.model, self.device, cfg.seed)
+            except ValueError as e:
+                raise ConfigError(f"init_from {cfg.init_from}: {e}" if cfg.init_from else str(e)) from None
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
             from ..peft.training import prepare_model
 
@@ -191,18 +203,26 @@ class Trainer:
                 raise ConfigError(f"init_from {cfg.init_from}: no such folder")
             if self.verify:
                 verify_manifest(cfg.init_from, required=False)  # exported folders carry one
-            kw = {"dtype": torch.float32}
-            if cfg.peft:  # the frozen base in the compute dtype, or 4/8-bit (openmoe/peft/training.py)
-                from ..peft.training import from_pretrained_kwargs
+            if not cfg.peft:  # on meta: the trainer reads each rank's slices (materialize_from)
+                with torch.device("meta"):
+                    model = OpenMoeForCausalLM(mcfg)
+                return self._check_vocab(model)
+            # PEFT/QLoRA keep from_pretrained: the frozen base in the compute dtype, or 4/8-bit
+            # (bitsandbytes quantizes while loading), replicated on every rank
+            from ..peft.training import from_pretrained_kwargs
 
-                kw = from_pretrained_kwargs(cfg, self.amp_dtype, self.device)
+            kw = from_pretrained_kwargs(cfg, self.amp_dtype, self.device)
             try:
                 model = OpenMoeForCausalLM.from_pretrained(cfg.init_from, config=mcfg, **kw)
             except (OSError, ValueError, RuntimeError) as e:
                 raise ConfigError(f"init_from {cfg.init_from}: cannot load the weights: "
                                   f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        else:
-            model = OpenMoeForCausalLM(mcfg)
+        else:  # on meta; per-tensor init after parallelising (materialize_fresh)
+            with torch.device("meta"):
+                model = OpenMoeForCausalLM(mcfg)
+        return self._check_vocab(model)
+
+    def _check_vocab(self, model):
         if len(self.tokenizer) > model.config.vocab_size:
             raise ConfigError(f"tokenizer {self.tokenizer.path} has {len(self.tokenizer)} pieces but the model's "
                               f"vocab_size is {model.config.vocab_size}")
