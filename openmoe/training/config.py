@@ -47,6 +47,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     cpu_retain_memory: bool = True  # on CPU keep freed memory mapped for reuse (utils.hardware.retain_freed_memory)
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
+    # rank-to-mesh mapping (ColossalAI's use_ep_inside): true, EP groups of consecutive ranks
+    # (inside a node), dp/ZeRO replicas across nodes; false, EP strided across nodes, dp/ZeRO inside
+    ep_inside: bool = True  # EP groups = consecutive ranks (false: EP across nodes, dp/ZeRO inside the node)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
     # checkpoints and logs
