@@ -14,6 +14,8 @@ swaps between the most loaded rank and the others while they lower the maximum.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 
@@ -117,12 +119,15 @@ def move_experts(tensors: list[torch.Tensor], old: list[int], new: list[int], gr
 class ExpertBalancer:
     """Accumulates per-layer expert loads; every `every` steps re-places experts."""
 
-    def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print):
+    def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print, search=None):
+        """search: None, today's re-placement (search_placement, taken when it lowers the most
+        loaded rank); a balance_search.SwapSearch, its communication-aware swaps."""
         from ..moe.layer import MoELayer
 
         self.layers = [m for m in model.modules()
                        if isinstance(m, MoELayer) and isinstance(m.dispatcher, AllToAllDispatcher)]
         self.optimizer, self.ps, self.every, self.log = optimizer, ps, every, log
+        self.search = search
         self.loads = [torch.zeros(m.num_experts, dtype=torch.float64) for m in self.layers]
 
     def observe(self, tokens_per_expert: torch.Tensor) -> None:
@@ -140,17 +145,27 @@ class ExpertBalancer:
             dist.all_reduce(load, group=self.ps.world_group)  # global load, same on every rank
             disp = layer.dispatcher
             old = disp.placement.tolist()
-            new = search_placement(load.tolist(), self.ps.ep)
+            new = self._choose(load.tolist(), old)
             before = rank_loads(load.tolist(), old, self.ps.ep)
             after = rank_loads(load.tolist(), new, self.ps.ep)
-            if max(after) < max(before) - 1e-9:
+            if new != old:
                 self._move(layer, old, new)
-            else:
-                new, after = old, before
             mean = sum(before) / len(before) or 1.0
             report.append({"max_over_mean_before": max(before) / mean, "max_over_mean_after": max(after) / mean})
             load.zero_()
         return report
+
+    def _choose(self, load: list[float], old: list[int]) -> list[int]:
+        """The new placement (old when nothing is worth moving); the same on every rank."""
+        if self.search is None:
+            new = search_placement(load, self.ps.ep)
+            better = max(rank_loads(load, new, self.ps.ep)) < max(rank_loads(load, old, self.ps.ep)) - 1e-9
+            return new if better else old
+        from .balance_search import ep_rank_nodes, search_swaps
+
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.ps.world))  # torchrun's ranks per node
+        nodes = ep_rank_nodes(dist.get_process_group_ranks(self.ps.ep_group), per_node)
+        return search_swaps(load, old, self.ps.ep, nodes, self.search).placement
 
     def _move(self, layer, old: list[int], new: list[int]) -> None:
         """Move the layer's expert weights and their optimizer state to the new slots. Experts

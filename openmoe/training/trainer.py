@@ -130,8 +130,10 @@ class Trainer:
         self.eval_sources = [SourceConfig.from_dict({**dict(s), "weight": 1.0}) for s in cfg.eval_data]
         self._eval_cache = None
         from ..parallel.balance import ExpertBalancer
+        from ..parallel.balance_search import SwapSearch
 
-        self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log)
+        search = SwapSearch(tolerance=cfg.balance_tolerance) if cfg.balance_search == "swap" else None
+        self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log, search)
         self.step = 0
         if self.resume:
             last = ckpt.latest(self.ckpt_dir, self.ps)

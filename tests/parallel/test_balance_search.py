@@ -100,3 +100,59 @@ def test_helpers_and_bad_input():
         search_swaps([1, 2, 3], [0, 1, 2], 2, [0, 0])
     with pytest.raises(ValueError, match="tolerance"):
         SwapSearch(tolerance=-1)
+
+
+def _train_worker(rank, port, out, swap):
+    import json
+    import os
+    import sys
+
+    import torch
+    import torch.distributed as dist
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from helpers import tiny_config
+    from openmoe import OpenMoeForCausalLM
+    from openmoe.parallel import build_state, parallelize, sync_gradients
+    from openmoe.parallel.balance import ExpertBalancer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    ps = build_state(2)
+    torch.manual_seed(0)
+    cfg = tiny_config(capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
+    model = parallelize(OpenMoeForCausalLM(cfg).train(), ps)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    bal = ExpertBalancer(model, opt, ps, every=2 if swap else 0, search=SwapSearch(tolerance=0.0))
+    g = torch.Generator().manual_seed(7)
+    losses, placements = [], []
+    for step in range(1, 6):
+        ids = [torch.randint(2, cfg.vocab_size, (2, 12), generator=g) for _ in range(2)][rank]
+        out_ = model(ids, labels=ids)
+        out_.loss.backward()
+        sync_gradients(model, ps)
+        opt.step()
+        opt.zero_grad()
+        t = out_.loss.detach().clone()
+        dist.all_reduce(t)
+        losses.append(float(t) / 2)
+        bal.observe(out_.tokens_per_expert)
+        if bal.maybe_rebalance(step):
+            placements.append(bal.state())
+    with open(os.path.join(out, f"{swap}_{rank}.json"), "w") as f:
+        json.dump({"losses": losses, "placements": placements}, f)
+    dist.destroy_process_group()
+
+
+def test_balancer_with_swap_search_leaves_the_loss_unchanged(tmp_path):
+    import json
+
+    import torch.multiprocessing as mp
+    from helpers import free_port
+
+    for swap in (False, True):
+        mp.spawn(_train_worker, args=(free_port(), str(tmp_path), swap), nprocs=2, join=True)
+    a = json.loads((tmp_path / "False_0.json").read_text())
+    b = json.loads((tmp_path / "True_0.json").read_text())
+    assert any(p != [[0, 1, 2, 3]] * 2 for p in b["placements"]), b  # experts really moved
+    assert b["losses"] == pytest.approx(a["losses"], rel=1e-5)
