@@ -10,7 +10,8 @@ from __future__ import annotations
 from transformers.configuration_utils import PreTrainedConfig
 
 from .moe.kernels import AUTO, KERNELS
-from .moe.router import CAPACITY_POLICIES
+from .moe.noise import NOISE_KINDS
+from .moe.router import CAPACITY_POLICIES, SECOND_EXPERT_POLICIES
 
 # ColossalAI config field -> our field. Their values win only when ours is not given too.
 _COLOSSALAI_FIELDS = {
@@ -21,6 +22,8 @@ _COLOSSALAI_FIELDS = {
     "router_aux_loss_factor": "router_aux_loss_coef",
     "router_z_loss_factor": "router_z_loss_coef",
 }
+# ColossalAI's router_noisy_policy -> our router_noise (moe/noise.py: their generators as they run)
+_COLOSSALAI_NOISE = {None: None, "Jitter": "colossalai_uniform", "Gaussian": "colossalai_normal"}
 
 
 class OpenMoeConfig(PreTrainedConfig):
@@ -57,6 +60,10 @@ class OpenMoeConfig(PreTrainedConfig):
     router_group_size: int = 4096  # t5x max_group_size
     norm_topk_prob: bool = False
     router_jitter_noise: float = 0.0
+    # Training-only router options; the original (t5x) uses none: no noise, every second choice.
+    router_noise: str | None = None  # jitter | gaussian | colossalai_normal | colossalai_uniform (moe/noise.py)
+    router_second_expert: str = "all"  # all | random: top-2 second choice kept w.p. min(1, g2 / threshold)
+    router_second_threshold: float = 0.2  # the threshold of router_second_expert="random" (Mesh TF's)
     experts_implementation_name: str = "auto"  # "grouped_mm", "eager" (per-expert loop), "auto" (per device/dtype)
     # Losses
     router_aux_loss_coef: float = 0.01
@@ -82,7 +89,12 @@ class OpenMoeConfig(PreTrainedConfig):
             self.hidden_act = "silu"
         # Their configs carry Llama's token ids; the umT5 tokenizer has pad/BOS 0, eos 1.
         self.pad_token_id, self.bos_token_id, self.eos_token_id = 0, 0, 1
-        for unused in ("pretraining_tp", "router_noisy_policy", "router_drop_tks", "drop_tks",
+        if "router_noisy_policy" in kwargs:
+            noisy = kwargs.pop("router_noisy_policy")
+            if noisy not in _COLOSSALAI_NOISE:
+                raise ValueError(f"router_noisy_policy={noisy!r}: ColossalAI knows {list(_COLOSSALAI_NOISE)}")
+            self.router_noise = _COLOSSALAI_NOISE[noisy]
+        for unused in ("pretraining_tp", "router_drop_tks", "drop_tks",
                        "enable_kernel", "enable_comm_overlap", "enable_hierarchical_alltoall",
                        "expert_parallel", "label_smoothing", "dropout_rate", "rope_scaling"):
             kwargs.pop(unused, None)
@@ -122,6 +134,17 @@ class OpenMoeConfig(PreTrainedConfig):
         for f in ("router_aux_loss_coef", "router_z_loss_coef", "output_z_loss_coef", "router_jitter_noise"):
             v = getattr(self, f)
             need(isinstance(v, (int, float)) and v >= 0, f, "must be a non-negative number")
+        need(self.router_noise is None or self.router_noise in NOISE_KINDS, "router_noise",
+             f"choose null or one of {NOISE_KINDS}")
+        need(self.router_noise is None or not self.router_jitter_noise, "router_noise",
+             f"give router_noise or router_jitter_noise={self.router_jitter_noise}, not both")
+        need(self.router_second_expert in SECOND_EXPERT_POLICIES, "router_second_expert",
+             f"choose one of {SECOND_EXPERT_POLICIES}")
+        need(self.router_second_expert == "all" or self.num_experts_per_tok == 2, "router_second_expert",
+             f"'random' is a top-2 rule; num_experts_per_tok is {self.num_experts_per_tok}")
+        v = self.router_second_threshold
+        need(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, "router_second_threshold",
+             "must be a positive number")
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return (layer_idx + 1) % self.moe_layer_interval == 0

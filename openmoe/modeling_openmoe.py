@@ -153,10 +153,12 @@ class OpenMoeDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = OpenMoeRMSNorm(H, config.rms_norm_eps)
         if self.is_moe:
             noise = RouterNoise("jitter", config.router_jitter_noise) if config.router_jitter_noise > 0 else None
+            noise = RouterNoise(config.router_noise) if config.router_noise else noise
             self.mlp = MoELayer(
                 H, config.num_experts, config.num_experts_per_tok, experts="openmoe",
                 intermediate_size=config.intermediate_size, capacity=CapacityPolicy.from_config(config),
-                noise=noise, norm_topk_prob=config.norm_topk_prob,
+                noise=noise, norm_topk_prob=config.norm_topk_prob, second_expert=config.router_second_expert,
+                second_threshold=config.router_second_threshold,
                 experts_implementation=config.experts_implementation_name)
             self.pre_extra_mlp_layernorm = OpenMoeRMSNorm(H, config.rms_norm_eps)
             self.extra_mlp = OpenMoeMLP(H, config.intermediate_size)

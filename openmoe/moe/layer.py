@@ -24,7 +24,7 @@ from torch import nn
 from .dispatch import LocalDispatcher
 from .expert_types import build_experts
 from .noise import RouterNoise
-from .router import CapacityPolicy, Routing, route
+from .router import CapacityPolicy, Routing, check_second_expert, route
 
 
 @dataclass
@@ -62,6 +62,8 @@ class MoELayer(nn.Module):
     or a registered backend (moe/kernels.py).
     capacity: see capacity_policy. noise: None, "jitter", "gaussian" or a RouterNoise (training only).
     aux_loss / z_loss: coefficients of the load-balance and router z losses in MoEOutput.loss.
+    second_expert: "all" (every top-2 second choice) or "random" (training only: kept with
+    probability min(1, g2 / second_threshold), Mesh TensorFlow's rule; router.keep_second_at_random).
 
     Parameter names follow the ColossalAI / published OpenMoE checkpoints: `gate_weight` [E, H] is
     the router, `experts.*` the experts.
@@ -72,7 +74,8 @@ class MoELayer(nn.Module):
                  capacity: CapacityPolicy | str | float | None = "dropless", noise=None,
                  aux_loss: float = 0.0, z_loss: float = 0.0, norm_topk_prob: bool = False,
                  activation: str | Callable = "gelu", bias: bool = True, dropout: float = 0.0,
-                 experts_implementation: str = "auto"):
+                 experts_implementation: str = "auto", second_expert: str = "all",
+                 second_threshold: float = 0.2):
         super().__init__()
         for name, v in (("hidden_size", hidden_size), ("num_experts", num_experts)):
             if not isinstance(v, int) or v < 1:
@@ -82,6 +85,8 @@ class MoELayer(nn.Module):
         for name, v in (("aux_loss", aux_loss), ("z_loss", z_loss)):
             if not v >= 0:
                 raise ValueError(f"{name}={v!r}: a loss coefficient must be >= 0")
+        check_second_expert(second_expert, second_threshold, top_k)
+        self.second_expert, self.second_threshold = second_expert, second_threshold
         self.hidden_size = hidden_size
         self.num_experts = num_experts
         self.top_k = top_k
@@ -108,7 +113,8 @@ class MoELayer(nn.Module):
         # The losses only matter when something can learn from them (or in training mode).
         return route(self.router_logits(x_BSH), self.top_k, self.capacity, self.training,
                      token_mask_BS, self.norm_topk_prob,
-                     compute_losses=self.training or torch.is_grad_enabled())
+                     compute_losses=self.training or torch.is_grad_enabled(),
+                     second_expert=self.second_expert, second_threshold=self.second_threshold)
 
     def forward(self, x: torch.Tensor, token_mask: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, MoEOutput]:

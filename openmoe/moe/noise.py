@@ -1,7 +1,16 @@
 """Router noise, training only.
 
-  jitter    Switch Transformer: the router *input* times uniform noise in [1 - eps, 1 + eps].
-  gaussian  ColossalAI's normal noise: N(0, std^2) added to the router *logits*; std 1/E by default.
+  jitter              Switch Transformer: the router *input* times U(1 - eps, 1 + eps), eps 1e-2.
+  gaussian            N(0, std^2) added to the router *logits*, std 1/E by default (ColossalAI's
+                      docstring, "(0, 1/E^2)", read as a variance).
+  colossalai_normal   ColossalAI's NormalNoiseGenerator as its code runs (their
+                      router_noisy_policy="Gaussian"): N(0, std^2) added to the *logits* with
+                      std 1/E^2 (`Normal(0, scale=1/E**2)`), i.e. E times smaller than gaussian's.
+  colossalai_uniform  ColossalAI's UniformNoiseGenerator (router_noisy_policy="Jitter", from Mesh
+                      TensorFlow): the *logits* times U(1 - eps, 1 + eps), eps 1e-2. Same law as
+                      jitter, but on the logits, not on the router input.
+The original OpenMoE (t5x) trains without router noise. All kinds act in training only (the
+caller, MoELayer.router_logits, skips them in eval).
 
 Seeded noise (`seed=` given) draws from a generator of its own, so a run's noise does not depend
 on what else consumed the global RNG; unseeded noise uses torch's global RNG (which the trainer
@@ -14,13 +23,14 @@ from dataclasses import dataclass
 
 import torch
 
-NOISE_KINDS = ("jitter", "gaussian")
+NOISE_KINDS = ("jitter", "gaussian", "colossalai_normal", "colossalai_uniform")
 
 
 @dataclass
 class RouterNoise:
     kind: str = "jitter"
-    scale: float | None = None  # jitter: eps (default 0.01); gaussian: std (default 1/E)
+    scale: float | None = None  # jitter, colossalai_uniform: eps (default 0.01); gaussian: std
+    # (default 1/E); colossalai_normal: std (default 1/E^2)
     seed: int | None = None
 
     def __post_init__(self):
@@ -32,12 +42,12 @@ class RouterNoise:
 
     @classmethod
     def make(cls, noise) -> "RouterNoise | None":
-        """None | "jitter" | "gaussian" | RouterNoise."""
+        """None | one of NOISE_KINDS | RouterNoise."""
         if noise is None or isinstance(noise, RouterNoise):
             return noise
         if isinstance(noise, str):
             return cls(noise)
-        raise ValueError(f"noise={noise!r}: choose None, 'jitter', 'gaussian' or a RouterNoise")
+        raise ValueError(f"noise={noise!r}: choose None, one of {NOISE_KINDS} or a RouterNoise")
 
     def _generator(self, device: torch.device) -> torch.Generator | None:
         if self.seed is None:
@@ -52,13 +62,21 @@ class RouterNoise:
         return fn(out, self._generator(like.device))
 
     def on_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind != "jitter":
-            return x
+        return self._times_uniform(x) if self.kind == "jitter" else x
+
+    def on_logits(self, logits: torch.Tensor, num_experts: int) -> torch.Tensor:
+        if self.kind == "gaussian":
+            return self._add_normal(logits, 1.0 / num_experts)
+        if self.kind == "colossalai_normal":
+            return self._add_normal(logits, 1.0 / num_experts ** 2)
+        if self.kind == "colossalai_uniform":
+            return self._times_uniform(logits)
+        return logits
+
+    def _times_uniform(self, x: torch.Tensor) -> torch.Tensor:
         eps = 0.01 if self.scale is None else self.scale
         return x * self._draw(x, lambda t, g: t.uniform_(1.0 - eps, 1.0 + eps, generator=g))
 
-    def on_logits(self, logits: torch.Tensor, num_experts: int) -> torch.Tensor:
-        if self.kind != "gaussian":
-            return logits
-        std = 1.0 / num_experts if self.scale is None else self.scale
+    def _add_normal(self, logits: torch.Tensor, default_std: float) -> torch.Tensor:
+        std = default_std if self.scale is None else self.scale
         return logits + self._draw(logits, lambda t, g: t.normal_(0.0, std, generator=g))

@@ -189,6 +189,9 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return e / e.sum(dim=-1, keepdim=True)
 
 
+SECOND_EXPERT_POLICIES = ("all", "random")
+
+
 def route(
     logits_BSE: torch.Tensor,
     top_k: int,
@@ -197,63 +200,36 @@ def route(
     token_mask_BS: torch.Tensor | None = None,
     norm_topk_prob: bool = False,
     compute_losses: bool = True,
+    second_expert: str = "all",
+    second_threshold: float = 0.2,
+    generator: torch.Generator | None = None,
 ) -> Routing:
     """Route a [B, S, E] block of router logits (float32). token_mask 0 marks padding: such tokens
-    take no expert slot and no part in the losses; their weights are 0."""
+    take no expert slot and no part in the losses; their weights are 0.
+
+    second_expert="random" (top-2, training only; Mesh TensorFlow / GShard): the second choice
+    takes part only with probability min(1, g2 / second_threshold), g2 = p2 / (p1 + p2), drawn
+    from `generator` (torch's global RNG when None); see keep_second_at_random."""
     logits_BSE = logits_BSE.float()
     B, S, E = logits_BSE.shape
-    mask_BS = (torch.ones(B, S, dtype=torch.bool, device=logits_BSE.device)
-               if token_mask_BS is None else token_mask_BS.bool())
-
-    if policy.name == "t5x":
-        # The Jax code appends zero vectors (router logits exactly 0) so E divides the token
-        # count; they route to experts 0 and 1 and can take the last slots. Removed at the end.
-        rows, cols = t5x_padding(B, S, E)
-        if rows or cols:
-            logits_BSE = torch.nn.functional.pad(logits_BSE, (0, 0, 0, cols, 0, rows))
-            mask_BS = torch.nn.functional.pad(mask_BS, (0, cols, 0, rows), value=True)
+    check_second_expert(second_expert, second_threshold, top_k)
+    logits_BSE, mask_BS = _t5x_pad(logits_BSE, _token_mask(token_mask_BS, B, S, logits_BSE.device), policy)
     Bp, Sp = mask_BS.shape
     T = Bp * Sp
     logits_TE = logits_BSE.reshape(T, E)
     mask_T = mask_BS.reshape(T)
 
     probs_TE = _softmax(logits_TE)
-    expert_TK = top_k_experts(probs_TE, top_k)
-    weight_TK = probs_TE.gather(1, expert_TK)
-    if norm_topk_prob:
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-
-    if policy.name == "t5x":
-        num_groups = t5x_num_groups(T, policy.max_group_size, E)
-        capacity = t5x_capacity(T // num_groups, E, policy.factor(training), policy.min_capacity)
-        group_T = torch.arange(T, device=logits_TE.device) // (T // num_groups)
-    elif policy.name == "colossalai":
-        num_groups = 1
-        capacity = colossalai_capacity(T, E, top_k, policy.factor(training), policy.min_capacity)
-        group_T = torch.zeros(T, dtype=torch.long, device=logits_TE.device)
-    elif policy.name == "dropless":
-        num_groups, capacity = 1, None
-        group_T = torch.zeros(T, dtype=torch.long, device=logits_TE.device)
-    else:
-        raise ValueError(f"capacity policy {policy.name!r}: choose t5x, colossalai or dropless")
-
+    expert_TK, weight_TK = _choose_experts(probs_TE, top_k, norm_topk_prob)
+    num_groups, capacity, group_T = _groups(policy, T, E, top_k, training, logits_TE.device)
     active_TK = mask_T[:, None].expand(T, top_k)
-    can_drop = capacity is not None and capacity < T // num_groups  # Python ints: no data involved
-    if not can_drop:
-        # A token picks an expert at most once, so a queue never exceeds the group's token count:
-        # nothing can drop (always the case at decode, where groups hold one token).
-        keep_TK = active_TK.clone()
-    else:
-        pos_TK = queue_positions(expert_TK, group_T, active_TK, E, num_groups)
-        keep_TK = active_TK & (pos_TK < capacity)
+    if second_expert == "random" and training:
+        active_TK = active_TK & keep_second_at_random(probs_TE, expert_TK, second_threshold, generator)
+    keep_TK, can_drop = _apply_capacity(expert_TK, group_T, active_TK, capacity, E, num_groups)
 
-    # Losses see every routed token of the group, the t5x zero tokens included (as in Jax),
-    # but not tokens masked as padding.
     aux = z = None
     if compute_losses:  # skipped at inference: a dozen small ops per layer and decode step
-        w_T = mask_T.float()
-        aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
-        z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
+        aux, z = _router_losses(logits_TE, probs_TE, expert_TK, mask_T, num_groups)
 
     def real(t):  # drop the t5x zero tokens by slicing (no boolean-mask host sync)
         return t.reshape(Bp, Sp, *t.shape[1:])[:B, :S].reshape(B * S, *t.shape[1:])
@@ -270,5 +246,93 @@ def route(
         capacity=capacity,
         aux_loss=aux,
         z_loss=z,
-        all_kept=not can_drop and token_mask_BS is None,
+        # a randomly dropped second choice is a drop the shapes do not show
+        all_kept=not can_drop and token_mask_BS is None and not (second_expert == "random" and training),
     )
+
+
+def check_second_expert(second_expert: str, threshold: float, top_k: int) -> None:
+    if second_expert not in SECOND_EXPERT_POLICIES:
+        raise ValueError(f"second_expert={second_expert!r}: choose one of {SECOND_EXPERT_POLICIES}")
+    if second_expert == "random" and top_k != 2:
+        raise ValueError(f"second_expert='random' is a top-2 rule; top_k is {top_k}")
+    if not threshold > 0:
+        raise ValueError(f"second_threshold={threshold!r}: must be > 0")
+
+
+def _token_mask(token_mask_BS: torch.Tensor | None, B: int, S: int, device) -> torch.Tensor:
+    if token_mask_BS is None:
+        return torch.ones(B, S, dtype=torch.bool, device=device)
+    return token_mask_BS.bool()
+
+
+def _t5x_pad(logits_BSE: torch.Tensor, mask_BS: torch.Tensor, policy: CapacityPolicy):
+    """The Jax code appends zero vectors (router logits exactly 0) so E divides the token count;
+    they route to experts 0 and 1 and can take the last slots. route() removes them at the end."""
+    if policy.name != "t5x":
+        return logits_BSE, mask_BS
+    B, S, E = logits_BSE.shape
+    rows, cols = t5x_padding(B, S, E)
+    if rows or cols:
+        logits_BSE = torch.nn.functional.pad(logits_BSE, (0, 0, 0, cols, 0, rows))
+        mask_BS = torch.nn.functional.pad(mask_BS, (0, cols, 0, rows), value=True)
+    return logits_BSE, mask_BS
+
+
+def _choose_experts(probs_TE: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    """(expert_TK, weight_TK): the top-k experts and their combine weights (router probabilities,
+    renormalised over the k choices with norm_topk_prob)."""
+    expert_TK = top_k_experts(probs_TE, top_k)
+    weight_TK = probs_TE.gather(1, expert_TK)
+    if norm_topk_prob:
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+    return expert_TK, weight_TK
+
+
+def _groups(policy: CapacityPolicy, T: int, E: int, top_k: int, training: bool, device):
+    """(num_groups, capacity per expert and group or None, group_T) of the policy; Python ints
+    from shapes only."""
+    if policy.name == "t5x":
+        num_groups = t5x_num_groups(T, policy.max_group_size, E)
+        capacity = t5x_capacity(T // num_groups, E, policy.factor(training), policy.min_capacity)
+        return num_groups, capacity, torch.arange(T, device=device) // (T // num_groups)
+    if policy.name == "colossalai":
+        capacity = colossalai_capacity(T, E, top_k, policy.factor(training), policy.min_capacity)
+        return 1, capacity, torch.zeros(T, dtype=torch.long, device=device)
+    if policy.name == "dropless":
+        return 1, None, torch.zeros(T, dtype=torch.long, device=device)
+    raise ValueError(f"capacity policy {policy.name!r}: choose t5x, colossalai or dropless")
+
+
+def _apply_capacity(expert_TK, group_T, active_TK, capacity: int | None, E: int, num_groups: int):
+    """(keep_TK, can_drop): the active assignments that find a slot in their (group, expert) queue."""
+    T = group_T.shape[0]
+    can_drop = capacity is not None and capacity < T // num_groups  # Python ints: no data involved
+    if not can_drop:
+        # A token picks an expert at most once, so a queue never exceeds the group's token count:
+        # nothing can drop (always the case at decode, where groups hold one token).
+        return active_TK.clone(), False
+    pos_TK = queue_positions(expert_TK, group_T, active_TK, E, num_groups)
+    return active_TK & (pos_TK < capacity), True
+
+
+def _router_losses(logits_TE, probs_TE, expert_TK, mask_T, num_groups: int):
+    """(load-balance loss, z-loss). They see every routed token of the group, the t5x zero tokens
+    included (as in Jax), but not tokens masked as padding."""
+    w_T = mask_T.float()
+    aux = load_balance_loss(probs_TE, expert_TK, w_T, num_groups)
+    z = (torch.logsumexp(logits_TE, dim=-1) ** 2 * w_T).sum() / w_T.sum().clamp_min(1.0)
+    return aux, z
+
+
+def keep_second_at_random(probs_TE: torch.Tensor, expert_TK: torch.Tensor, threshold: float,
+                          generator: torch.Generator | None = None) -> torch.Tensor:
+    """[T, 2] bool: the first choice always; the second iff u < g2 / threshold, u ~ U[0, 1) per
+    token, g2 = p2 / (p1 + p2 + 1e-9) its weight normalised over the two choices: Mesh
+    TensorFlow's `second_policy="random"` (moe.py, default threshold 0.2; GShard's 2 * g2 is
+    threshold 0.5). A dropped second choice takes no capacity slot (it leaves before the queue,
+    as there). One draw per token, on the device: no host sync."""
+    p_TK = probs_TE.gather(1, expert_TK)
+    g2_T = p_TK[:, 1] / (p_TK[:, 0] + p_TK[:, 1] + 1e-9)
+    u_T = torch.rand(g2_T.shape, generator=generator, device=g2_T.device, dtype=g2_T.dtype)
+    return torch.stack([torch.ones_like(u_T, dtype=torch.bool), u_T < g2_T / threshold], dim=-1)

@@ -15,6 +15,7 @@ swaps between the most loaded rank and the others while they lower the maximum.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 
 import torch
@@ -170,9 +171,12 @@ def logical_order(model, optimizer, ps: ParallelState):
 class ExpertBalancer:
     """Accumulates per-layer expert loads; every `every` steps re-places experts."""
 
-    def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print):
+    def __init__(self, model, optimizer, ps: ParallelState, every: int, log=print, search=None):
+        """search: None, today's re-placement (search_placement, taken when it lowers the most
+        loaded rank); a balance_search.SwapSearch, its communication-aware swaps."""
         self.layers = [m for _, m in expert_parallel_layers(model)]
         self.optimizer, self.ps, self.every, self.log = optimizer, ps, every, log
+        self.search = search
         self.loads = [torch.zeros(m.num_experts, dtype=torch.float64) for m in self.layers]
 
     def observe(self, tokens_per_expert: torch.Tensor) -> None:
@@ -189,17 +193,27 @@ class ExpertBalancer:
         for layer, load in zip(self.layers, self.loads):
             dist.all_reduce(load, group=self.ps.world_group)  # global load, same on every rank
             old = layer.dispatcher.placement.tolist()
-            new = search_placement(load.tolist(), self.ps.ep)
+            new = self._choose(load.tolist(), old)
             before = rank_loads(load.tolist(), old, self.ps.ep)
             after = rank_loads(load.tolist(), new, self.ps.ep)
-            if max(after) < max(before) - 1e-9:
+            if new != old:
                 move_layer(layer, self.optimizer, self.ps, new)
-            else:
-                after = before
             mean = sum(before) / len(before) or 1.0
             report.append({"max_over_mean_before": max(before) / mean, "max_over_mean_after": max(after) / mean})
             load.zero_()
         return report
+
+    def _choose(self, load: list[float], old: list[int]) -> list[int]:
+        """The new placement (old when nothing is worth moving); the same on every rank."""
+        if self.search is None:
+            new = search_placement(load, self.ps.ep)
+            better = max(rank_loads(load, new, self.ps.ep)) < max(rank_loads(load, old, self.ps.ep)) - 1e-9
+            return new if better else old
+        from .balance_search import ep_rank_nodes, search_swaps
+
+        per_node = int(os.environ.get("LOCAL_WORLD_SIZE", self.ps.world))  # torchrun's ranks per node
+        nodes = ep_rank_nodes(dist.get_process_group_ranks(self.ps.ep_group), per_node)
+        return search_swaps(load, old, self.ps.ep, nodes, self.search).placement
 
     def _move(self, layer, old: list[int], new: list[int]) -> None:
         if layer.dispatcher.placement.tolist() != list(old):

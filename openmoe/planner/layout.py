@@ -7,6 +7,9 @@ every non-expert parameter (and its gradient and optimizer state) over all ranks
 block over its dp replicas too (EZ-MoE), so experts are split world ways; fsdp = 1 replicates;
 1 < fsdp < world (dividing it) is hybrid sharding (HSDP): non-expert parameters sharded over
 groups of fsdp ranks and replicated over the world / fsdp groups, experts replicated over dp.
+`ep_inside` picks which ranks form the groups (parallel/mesh.py, ColossalAI's use_ep_inside):
+EP groups of consecutive ranks (default) or dp/ZeRO groups of consecutive ranks with EP strided
+across nodes; memory per rank is the same either way, only the links each collective uses change.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class Layout:
     ep: int = 1
     fsdp: int = 1
     fsdp_experts: bool = True
+    ep_inside: bool = True  # EP groups of consecutive ranks (False: dp groups are, EP strided)
 
     @property
     def experts_fsdp_sharded(self) -> bool:
@@ -83,6 +87,8 @@ class Layout:
             fsdp = f", HSDP: FSDP2 over groups of {self.fsdp} ranks x {self.world // self.fsdp} replicas"
         if self.experts_fsdp_sharded:
             fsdp += f" (experts also over dp {self.dp})"
+        if not self.ep_inside and self.ep > 1 and self.dp > 1:
+            fsdp += "; EP strided across nodes, dp groups consecutive ranks"
         return f"world {self.world} = dp {self.dp} x ep {self.ep}{fsdp}"
 
 

@@ -47,8 +47,13 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     cpu_retain_memory: bool = True  # on CPU keep freed memory mapped for reuse (utils.hardware.retain_freed_memory)
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
+    # rank-to-mesh mapping (ColossalAI's use_ep_inside): true, EP groups of consecutive ranks
+    # (inside a node), dp/ZeRO replicas across nodes; false, EP strided across nodes, dp/ZeRO inside
+    ep_inside: bool = True  # EP groups = consecutive ranks (false: EP across nodes, dp/ZeRO inside the node)
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
+    balance_search: str = "placement"  # placement: re-place all to minimise the max | swap: load + comm cost, node first
+    balance_tolerance: float = 0.1  # balance_search=swap: imbalance (max/mean - 1) left alone, least gain to move
     # checkpoints and logs
     out_dir: str = "out/train"  # checkpoints, metrics.jsonl, final/ (locked while a run uses it)
     save_every: int = 200  # steps between checkpoints
@@ -97,6 +102,10 @@ class TrainConfig:
         for k in ("warmup_steps", "balance_every", "seed", "eval_every"):
             if getattr(self, k) < 0:
                 bad(k, "must be >= 0")
+        if self.balance_search not in ("placement", "swap"):
+            bad("balance_search", "choose placement or swap")
+        if not self.balance_tolerance >= 0:
+            bad("balance_tolerance", "must be >= 0")
         if self.world is not None and self.world < 1:
             bad("world", "must be a positive integer")
         if self.optimizer not in ("adamw", "adafactor"):

@@ -52,7 +52,7 @@ class Trainer:
         self.cfg, self.resume = cfg, resume
         self.verify, self.trust_checkpoint = verify, trust_checkpoint
         try:
-            self.ps = ps or init_distributed(cfg.ep, timeout_s=cfg.dist_timeout_s)
+            self.ps = ps or init_distributed(cfg.ep, timeout_s=cfg.dist_timeout_s, ep_inside=cfg.ep_inside)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         self.log = log if self.ps.is_main else (lambda *a, **k: None)  # rank 0 speaks
@@ -142,8 +142,10 @@ class Trainer:
         self.eval_sources = [SourceConfig.from_dict({**dict(s), "weight": 1.0}) for s in cfg.eval_data]
         self._eval_cache = None
         from ..parallel.balance import ExpertBalancer
+        from ..parallel.balance_search import SwapSearch
 
-        self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log)
+        search = SwapSearch(tolerance=cfg.balance_tolerance) if cfg.balance_search == "swap" else None
+        self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log, search)
         self.step = 0
         if self.resume:
             last = ckpt.latest(self.ckpt_dir, self.ps)
@@ -172,7 +174,8 @@ class Trainer:
         local = [(p.to_local() if is_sharded(p) else p, p.requires_grad) for p in self.model.parameters()]
         n_params = sum(t.numel() for t, _ in local)  # FSDP2 shards count what this rank holds
         n_train = sum(t.numel() for t, trained in local if trained)
-        self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}")
+        self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}"
+                 + ("" if self.ps.ep_inside else " (EP groups strided across nodes, dp groups consecutive ranks)"))
         layout = Layout(self.ps.world, self.ps.ep, cfg.fsdp, cfg.fsdp_experts)
         if layout.hybrid:
             self.log(f"fsdp: hybrid sharding (HSDP): non-expert parameters sharded over groups of {cfg.fsdp} "

@@ -166,3 +166,83 @@ def test_capacity_at_least_group_size_keeps_all_without_sorting(monkeypatch):
     logits = torch.randn(1, 16, 4)
     r = R.route(logits, 2, CapacityPolicy("t5x", capacity_factor_eval=2.0, min_capacity=4), training=False)
     assert r.capacity >= 16 // r.num_groups and r.keep_TK.all()
+
+
+# second_expert="random" (Mesh TensorFlow's second_policy="random")
+
+
+def _second_case():
+    """3 tokens, 4 experts, logits = log p so the probabilities are exact by construction."""
+    p = torch.tensor([[0.5, 0.3, 0.1, 0.1],     # top-1 e0, top-2 e1: g2 = 0.3 / 0.8 = 0.375
+                      [0.1, 0.6, 0.2, 0.1],     # top-1 e1, top-2 e2: g2 = 0.2 / 0.8 = 0.25
+                      [0.25, 0.25, 0.4, 0.1]])  # top-1 e2, top-2 e0 (tie, lower index): g2 = 0.25 / 0.65
+    return p.log().view(1, 3, 4)
+
+
+def test_random_second_expert_hand_case():
+    # torch.Generator().manual_seed(0) draws u = 0.4963, 0.7682, 0.0885 (one per token).
+    u = torch.rand(3, generator=torch.Generator().manual_seed(0))
+    assert u.tolist() == pytest.approx([0.4963, 0.7682, 0.0885], abs=1e-4)
+    # threshold 0.5 (GShard's 2 * g2): keep iff u < g2 / 0.5
+    #   token 0: 0.4963 < 0.75   -> kept;  token 1: 0.7682 < 0.5 -> dropped;  token 2: 0.0885 < 0.769 -> kept
+    r = route(_second_case(), 2, CapacityPolicy("dropless"), training=True, second_expert="random",
+              second_threshold=0.5, generator=torch.Generator().manual_seed(0))
+    assert r.expert_TK.tolist() == [[0, 1], [1, 2], [2, 0]]
+    assert r.keep_TK.tolist() == [[True, True], [True, False], [True, True]]
+    assert r.weight_TK[1].tolist() == pytest.approx([0.6, 0.0])  # a dropped choice combines with 0
+    assert r.tokens_per_expert(4).tolist() == [2, 2, 1, 0]
+    assert not r.all_kept
+    # threshold 0.2 (Mesh TF's default): g2 / 0.2 = 1.875, 1.25, 1.92 -> every second choice kept
+    r = route(_second_case(), 2, CapacityPolicy("dropless"), training=True, second_expert="random",
+              generator=torch.Generator().manual_seed(0))
+    assert r.keep_TK.all()
+
+
+def test_random_second_expert_only_in_training_and_only_when_asked():
+    for kw in ({"training": False, "second_expert": "random"}, {"training": True, "second_expert": "all"}):
+        r = route(_second_case(), 2, CapacityPolicy("dropless"), second_threshold=0.5,
+                  generator=torch.Generator().manual_seed(0), **kw)
+        assert r.keep_TK.all() and r.all_kept, kw
+
+
+def test_random_second_expert_keep_rate_and_capacity():
+    # g2 = 0.25 for every token, threshold 0.5: the second choice survives half the time
+    p = torch.tensor([0.6, 0.2, 0.1, 0.1]).log().expand(20000, 4).reshape(1, 20000, 4)
+    r = route(p, 2, CapacityPolicy("dropless"), training=True, second_expert="random", second_threshold=0.5)
+    assert r.keep_TK[:, 1].float().mean().item() == pytest.approx(0.5, abs=0.015)
+    # a dropped second choice leaves before the queue: capacity-limited e1 takes the kept ones first
+    pol = CapacityPolicy("colossalai", 1.0, 1.0, min_capacity=0)
+    g = torch.Generator().manual_seed(0)
+    keep2 = route(p[:, :8], 2, CapacityPolicy("dropless"), training=True, second_expert="random",
+                  second_threshold=0.5, generator=g).keep_TK[:, 1]
+    r = route(p[:, :8], 2, pol, training=True, second_expert="random", second_threshold=0.5,
+              generator=torch.Generator().manual_seed(0))
+    # capacity floor(2 * 1.0 * 8 / 4) = 4: e1 gets the first 4 kept second choices
+    first4 = torch.zeros(8, dtype=torch.bool)
+    first4[keep2.nonzero().flatten()[:4]] = True
+    assert torch.equal(r.keep_TK[:, 1], first4)
+
+
+def test_random_second_expert_bad_options():
+    with pytest.raises(ValueError, match="second_expert='sample'"):
+        route(_second_case(), 2, CapacityPolicy("dropless"), training=True, second_expert="sample")
+    with pytest.raises(ValueError, match="top-2 rule; top_k is 1"):
+        route(_second_case(), 1, CapacityPolicy("dropless"), training=True, second_expert="random")
+    with pytest.raises(ValueError, match="second_threshold=0"):
+        route(_second_case(), 2, CapacityPolicy("dropless"), training=True, second_expert="random",
+              second_threshold=0)
+
+
+def test_random_second_expert_without_host_sync():
+    from test_no_sync import no_host_sync
+
+    from openmoe.moe import MoELayer
+
+    layer = MoELayer(16, 4, 2, intermediate_size=16, capacity=CapacityPolicy("t5x"), second_expert="random",
+                     second_threshold=0.5, aux_loss=0.01, experts_implementation="grouped_mm").train()
+    x = torch.randn(2, 24, 16, requires_grad=True)
+    with no_host_sync():
+        y, out = layer(x)
+        (y.square().mean() + out.loss).backward()
+    assert torch.isfinite(x.grad).all()
+    assert out.tokens_per_expert.sum() < 2 * 48  # some second choices were dropped
