@@ -49,6 +49,9 @@ class TrainConfig:
     ep: int = 1  # expert-parallel size under torchrun (world = dp x ep); batch_size is per rank
     dist_timeout_s: float = 600.0  # a collective waiting longer than this (a dead peer) is an error
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
+    ep_overlap_chunks: int = 1  # with ep > 1: N token chunks per MoE call, all_to_all overlapping expert GEMMs (1: off)
+    ep_hierarchical: bool = False  # with ep > 1: all_to_all inside each node, then across nodes with one peer per node
+    ep_ranks_per_node: int | None = None  # ranks per node for ep_hierarchical (default: torchrun's LOCAL_WORLD_SIZE)
     # checkpoints and logs
     out_dir: str = "out/train"  # checkpoints, metrics.jsonl, final/ (locked while a run uses it)
     save_every: int = 200  # steps between checkpoints
@@ -97,6 +100,16 @@ class TrainConfig:
         for k in ("warmup_steps", "balance_every", "seed", "eval_every"):
             if getattr(self, k) < 0:
                 bad(k, "must be >= 0")
+        if self.ep_overlap_chunks < 1:
+            bad("ep_overlap_chunks", "must be a positive integer (1: no overlap)")
+        if self.ep_hierarchical and self.ep == 1:
+            bad("ep_hierarchical", "needs ep > 1: there is no all_to_all to split")
+        if self.ep_ranks_per_node is not None:
+            if not self.ep_hierarchical:
+                bad("ep_ranks_per_node", "is read only with ep_hierarchical: true")
+            if not 1 < self.ep_ranks_per_node < self.ep or self.ep % self.ep_ranks_per_node:
+                bad("ep_ranks_per_node", f"must divide ep={self.ep} and lie strictly between 1 and it "
+                    f"(an EP group over several nodes)")
         if self.world is not None and self.world < 1:
             bad("world", "must be a positive integer")
         if self.optimizer not in ("adamw", "adafactor"):
