@@ -3,11 +3,17 @@ all_to_all_single (uneven splits, counts exchanged first) and come back the same
 
 Only dispatch and combine change: routing and capacity run on each rank's own tokens before
 dispatch, exactly as on one process, so results do not depend on the EP size.
+
+set_ep_exchange switches the exchange (same rows, same results): `chunks` > 1 pipelines the
+all_to_all of one slice of the tokens with the expert GEMMs of another, forward and backward;
+`ranks_per_node` makes each all_to_all hierarchical (inside nodes, then across; parallel/a2a.py).
+Either way the exchange reads every rank's row counts on the host once per MoE call: one sync.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from dataclasses import dataclass
 
@@ -15,38 +21,29 @@ import torch
 import torch.distributed as dist
 
 from ..moe.dispatch import DispatchPlan, LocalDispatcher
-from ..moe.router import Routing
-
-
-class _AllToAll(torch.autograd.Function):
-    """all_to_all_single with uneven splits; the backward is the reverse exchange. (Our own: the
-    differentiable one in torch.distributed.nn.functional is deprecated.)"""
-
-    @staticmethod
-    def forward(ctx, out, x, out_splits, in_splits, group):
-        ctx.splits, ctx.group = (out_splits, in_splits), group
-        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        out_splits, in_splits = ctx.splits
-        back = grad.new_empty(sum(in_splits), *grad.shape[1:])
-        dist.all_to_all_single(back, grad.contiguous(), in_splits, out_splits, group=ctx.group)
-        return None, back, None, None, None
-
-
-def a2a(out: torch.Tensor, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group=None):
-    """Differentiable exchange: rows x[in_splits[i] block] go to rank i; `out` receives."""
-    return _AllToAll.apply(out, x, out_splits, in_splits, group)
+from ..moe.router import Routing, count_per_expert
+from .a2a import Hierarchy, Route, build_hierarchy, exchange_start, exchange_wait
 
 
 @dataclass
 class EPExchange:
-    send_splits: list[int]  # rows this rank sends to each EP rank
-    recv_splits: list[int]  # rows this rank receives from each EP rank
-    perm: torch.Tensor  # received rows (source-major) -> local-expert-major order
-    local_counts: torch.Tensor  # rows per local expert after the exchange
+    """The exchanges of one forward call: C chunks of this rank's kept rows (chunk c: the rows of
+    its c-th slice of tokens, sorted by physical expert), each sent to the experts' ranks and
+    back. C = 1 is the plain exchange."""
+
+    routes: list[Route]  # per chunk: rows between every pair of EP ranks (host ints)
+    perm: list[torch.Tensor]  # per chunk: received rows (source-major) -> local-expert-major order
+    local_counts: list[torch.Tensor]  # per chunk: rows per local expert after the exchange
+
+    @property
+    def kept(self) -> int:
+        return sum(sum(r.send) for r in self.routes)
+
+
+@dataclass(frozen=True)
+class ExchangeOptions:
+    chunks: int = 1  # split the tokens into this many chunks, pipelining exchanges and expert GEMMs
+    hierarchy: Hierarchy | None = None  # two-stage all_to_all (in the node, then across nodes)
 
 
 class AllToAllDispatcher(LocalDispatcher):
@@ -62,26 +59,56 @@ class AllToAllDispatcher(LocalDispatcher):
             raise ValueError(f"expert parallelism: {num_experts} experts do not split over ep={self.ep} ranks")
         self.local_experts = num_experts // self.ep
         self.placement = torch.arange(num_experts)
+        self._placement_on = (None, None)  # (placement, its copy on the routing's device)
         self.layout = AdaptiveLayout(layout)
+        self.options = ExchangeOptions()
+
+    def _placement(self, device: torch.device) -> torch.Tensor:
+        # one copy per placement (the balancer assigns a new tensor): a host-to-device copy per
+        # call would be a sync on CUDA
+        src, dev = self._placement_on
+        if src is not self.placement or dev.device != device:
+            dev = self.placement.to(device)
+            self._placement_on = (self.placement, dev)
+        return dev
 
     def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
-        physical = dataclasses.replace(routing, expert_TK=self.placement.to(routing.expert_TK.device)[routing.expert_TK])
-        mode = self.layout.choose(routing.expert_TK.shape[0], self.group, routing.expert_TK.device)
+        device = routing.expert_TK.device
+        physical = dataclasses.replace(routing, expert_TK=self._placement(device)[routing.expert_TK])
+        mode = self.layout.choose(routing.expert_TK.shape[0], self.group, device)
         plan = super().plan(physical, num_experts)  # sorted by physical slot
-        plan.mode = mode
         if mode == "gather":
+            plan.mode = mode
             return plan  # tokens stay: nothing to exchange
-        send_SE = plan.counts_E.view(self.ep, self.local_experts)
-        recv_SE = torch.empty_like(send_SE)
-        dist.all_to_all_single(recv_SE, send_SE.contiguous(), group=self.group)  # counts first
-        src = torch.arange(self.ep).repeat_interleave(self.local_experts)
-        exp = torch.arange(self.local_experts).repeat(self.ep)
-        flat = recv_SE.reshape(-1)
-        key = (exp * self.ep + src).repeat_interleave(flat)  # order rows by (local expert, source)
-        plan.exchange = EPExchange(
-            send_splits=send_SE.sum(1).tolist(), recv_splits=recv_SE.sum(1).tolist(),
-            perm=torch.argsort(key, stable=True), local_counts=recv_SE.sum(0))
+        counts_CE = plan.counts_E.view(1, num_experts)
+        if self.options.chunks > 1:
+            plan, counts_CE = chunk_rows(plan, physical, num_experts, self.options.chunks)
+        plan.mode, plan.exchange = mode, self._exchange_plan(counts_CE)
         return plan
+
+    def _exchange_plan(self, counts_CE: torch.Tensor) -> EPExchange:
+        """Every rank's counts (one all_gather), read on the host once: the only sync of the
+        exchange, whatever the number of chunks or the all_to_all variant."""
+        C, E = counts_CE.shape
+        ep, El = self.ep, self.local_experts
+        all_PCE = counts_CE.new_empty(ep, C, E)
+        dist.all_gather(list(all_PCE.unbind(0)), counts_CE.contiguous(), group=self.group)
+        rows_PCQ = all_PCE.view(ep, C, ep, El).sum(-1)  # rows from EP rank p to rank q, per chunk
+        rows = rows_PCQ.permute(1, 0, 2).tolist()  # the host sync
+        recv_PCL = all_PCE[:, :, self.rank * El:(self.rank + 1) * El]
+        # received rows of chunk c are source-major, each source's sorted by local expert:
+        # order them by (local expert, source) with one stable sort over all chunks
+        n_CPL = recv_PCL.permute(1, 0, 2).reshape(-1)
+        i = torch.arange(C * ep * El, device=n_CPL.device)
+        c, p, e = i // (ep * El), i // El % ep, i % El
+        recv_C = [sum(row[self.rank] for row in rows[k]) for k in range(C)]
+        key = ((c * El + e) * ep + p).repeat_interleave(n_CPL, output_size=sum(recv_C))
+        perm = torch.argsort(key, stable=True)
+        offsets = [sum(recv_C[:k]) for k in range(C)]
+        return EPExchange(
+            routes=[Route(rows[k], self.rank, self.group, self.options.hierarchy) for k in range(C)],
+            perm=[perm[o:o + n] - o for o, n in zip(offsets, recv_C)],
+            local_counts=list(recv_PCL.sum(0).unbind(0)))
 
     def apply(self, experts, x_TH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
         start = self.layout.start_timer(x_TH)
@@ -92,26 +119,50 @@ class AllToAllDispatcher(LocalDispatcher):
             y_NH = torch.func.functional_call(experts, full, (x_NH, counts_E))
             y = LocalDispatcher.combine(self, y_NH, plan, out_dtype)
         else:
-            y = super().apply(experts, x_TH, plan, out_dtype)
+            y = self._pipeline(experts, x_TH, plan, out_dtype)
         self.layout.stop_timer(plan.mode, start, y)
         return y
 
-    def dispatch(self, x_TH: torch.Tensor, plan: DispatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pipeline(self, experts, x_TH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
+        """Chunk c's expert GEMMs run while chunk c + 1's dispatch and chunk c - 1's combine are
+        in flight (each waited just before its rows are used); in backward autograd replays it in
+        reverse. One chunk: the plain exchange -> experts -> exchange."""
         ex = plan.exchange
-        rows = x_TH[plan.token_N[:sum(ex.send_splits)]]  # the kept rows come first; dropped ones stay
-        out = rows.new_empty(sum(ex.recv_splits), rows.shape[1])
-        recv = a2a(out, rows, ex.recv_splits, ex.send_splits, group=self.group)
-        return recv[ex.perm], ex.local_counts
-
-    def combine(self, y_NH: torch.Tensor, plan: DispatchPlan, out_dtype: torch.dtype) -> torch.Tensor:
-        ex = plan.exchange
-        back = torch.empty_like(y_NH).index_copy(0, ex.perm, y_NH)  # undo the local-expert order
-        out = y_NH.new_empty(sum(ex.send_splits), y_NH.shape[1])
-        y_rows = a2a(out, back, ex.send_splits, ex.recv_splits, group=self.group)
+        C = len(ex.routes)
+        rows = x_TH[plan.token_N[:ex.kept]].split([sum(r.send) for r in ex.routes])  # dropped rows stay
+        sent = [exchange_start(rows[0], ex.routes[0])]
+        back = []
+        for c in range(C):
+            if c + 1 < C:
+                sent.append(exchange_start(rows[c + 1], ex.routes[c + 1]))
+            recv = exchange_wait(sent[c])
+            y_NH = experts(recv[ex.perm[c]], ex.local_counts[c])
+            y_NH = torch.empty_like(y_NH).index_copy(0, ex.perm[c], y_NH)  # back to the received order
+            back.append(exchange_start(y_NH, ex.routes[c].reverse()))
+        y_rows = torch.cat([exchange_wait(b) for b in back])
         dropped = plan.token_N.shape[0] - y_rows.shape[0]  # rows of dropped assignments: zeros
         if dropped:
             y_rows = torch.cat([y_rows, y_rows.new_zeros(dropped, y_rows.shape[1])])
         return super().combine(y_rows, plan, out_dtype)
+
+
+def chunk_rows(plan: DispatchPlan, routing: Routing, num_experts: int, chunks: int
+               ) -> tuple[DispatchPlan, torch.Tensor]:
+    """Split the tokens into `chunks` contiguous slices (sizes differing by at most one): the plan
+    with its kept rows sorted by (chunk, slot) - a stable sort of rows already sorted by slot -
+    and the dropped rows still last (row_S follows the rows), and the kept rows per (chunk, slot)."""
+    T = routing.expert_TK.shape[0]
+    chunk_T = torch.arange(T, device=routing.expert_TK.device) * chunks // max(T, 1)
+    chunk_TK = chunk_T[:, None].expand_as(routing.expert_TK)
+    counts_CE = count_per_expert(chunk_TK * num_experts + routing.expert_TK, routing.keep_TK, chunks * num_experts)
+    chunk_N = chunk_T[plan.token_N]
+    key = chunk_N if plan.kept_N is None else torch.where(plan.kept_N, chunk_N, chunks)
+    order = torch.argsort(key, stable=True)
+    where = torch.empty_like(order).scatter_(0, order, torch.arange(order.shape[0], device=order.device))
+    plan = dataclasses.replace(
+        plan, token_N=plan.token_N[order], slot_N=plan.slot_N[order], row_S=where[plan.row_S],
+        kept_N=None if plan.kept_N is None else plan.kept_N[order])
+    return plan, counts_CE.view(chunks, num_experts)
 
 
 def _stacked(experts: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -206,6 +257,27 @@ def set_expert_layout(model: torch.nn.Module, layout: str) -> None:
         if layout != "ep":
             _stacked(m.experts)  # fail now, with the reason, not mid-step
         m.dispatcher.layout = AdaptiveLayout(layout)
+
+
+def set_ep_exchange(model: torch.nn.Module, chunks: int = 1, hierarchical: bool = False,
+                    ranks_per_node: int | None = None) -> int:
+    """Set how every expert-parallel MoE layer of `model` exchanges its tokens: split into `chunks`
+    pipelined slices (1: plain); `hierarchical`: a two-stage all_to_all over nodes of
+    `ranks_per_node` ranks (default torchrun's LOCAL_WORLD_SIZE). Collective when hierarchical
+    (it creates the sub-groups): call it on every rank. Returns the number of layers set."""
+    if not isinstance(chunks, int) or chunks < 1:
+        raise ValueError(f"ep_overlap_chunks={chunks!r}: must be a positive integer")
+    disps = [m.dispatcher for m in model.modules() if isinstance(getattr(m, "dispatcher", None), AllToAllDispatcher)]
+    hierarchy = None
+    if hierarchical and disps:
+        if ranks_per_node is None:
+            if "LOCAL_WORLD_SIZE" not in os.environ:
+                raise ValueError("ep_hierarchical: give ep_ranks_per_node (no LOCAL_WORLD_SIZE: not under torchrun)")
+            ranks_per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        hierarchy = build_hierarchy(disps[0].group, ranks_per_node)
+    for d in disps:
+        d.options = ExchangeOptions(chunks, hierarchy)
+    return len(disps)
 
 
 def shard_experts(model: torch.nn.Module, group: dist.ProcessGroup, layout: str = "ep") -> int:

@@ -54,6 +54,9 @@ class TrainConfig:
     balance_every: int = 0  # with ep > 1: re-place experts on EP ranks from measured load every N steps
     balance_search: str = "placement"  # placement: re-place all to minimise the max | swap: load + comm cost, node first
     balance_tolerance: float = 0.1  # balance_search=swap: imbalance (max/mean - 1) left alone, least gain to move
+    ep_overlap_chunks: int = 1  # with ep > 1: N token chunks per MoE call, all_to_all overlapping expert GEMMs (1: off)
+    ep_hierarchical: bool = False  # with ep > 1: all_to_all inside each node, then across nodes with one peer per node
+    ep_ranks_per_node: int | None = None  # ranks per node for ep_hierarchical (default: torchrun's LOCAL_WORLD_SIZE)
     # checkpoints and logs
     out_dir: str = "out/train"  # checkpoints, metrics.jsonl, final/ (locked while a run uses it)
     save_every: int = 200  # steps between checkpoints
@@ -106,6 +109,16 @@ class TrainConfig:
             bad("balance_search", "choose placement or swap")
         if not self.balance_tolerance >= 0:
             bad("balance_tolerance", "must be >= 0")
+        if self.ep_overlap_chunks < 1:
+            bad("ep_overlap_chunks", "must be a positive integer (1: no overlap)")
+        if self.ep_hierarchical and self.ep == 1:
+            bad("ep_hierarchical", "needs ep > 1: there is no all_to_all to split")
+        if self.ep_ranks_per_node is not None:
+            if not self.ep_hierarchical:
+                bad("ep_ranks_per_node", "is read only with ep_hierarchical: true")
+            if not 1 < self.ep_ranks_per_node < self.ep or self.ep % self.ep_ranks_per_node:
+                bad("ep_ranks_per_node", f"must divide ep={self.ep} and lie strictly between 1 and it "
+                    f"(an EP group over several nodes)")
         if self.world is not None and self.world < 1:
             bad("world", "must be a positive integer")
         if self.optimizer not in ("adamw", "adafactor"):

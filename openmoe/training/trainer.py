@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ..data import IGNORE, PackedMixture, SourceConfig, TextTokenizer
 from ..generation.chat import ensure_chat_template
 from ..parallel import ParallelState, clip_grad_norm, init_distributed, parallelize, sync_gradients
+from ..parallel.expert_parallel import set_ep_exchange
 from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
 from ..utils.cli import DirLock, atomic_write_text
@@ -118,6 +119,7 @@ class Trainer:
                     materialize_fresh(self.model, self.device, cfg.seed)
             except ValueError as e:
                 raise ConfigError(f"init_from {cfg.init_from}: {e}" if cfg.init_from else str(e)) from None
+        set_ep_exchange(self.model, cfg.ep_overlap_chunks, cfg.ep_hierarchical, cfg.ep_ranks_per_node)
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
             from ..peft.training import prepare_model
 
