@@ -28,33 +28,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..utils.sizes import parse_size
 from .errors import CheckpointError
 
 SAFETENSORS_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
                       torch.float64: "F64"}
 INDEX_NAME = "model.safetensors.index.json"
-_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
-
-def parse_size(text: str | int) -> int:
-    """'5GB' -> 5_000_000_000 (HF's convention: GB = 10^9, GiB = 2^30); ints pass through."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    for unit in sorted(_UNITS, key=len, reverse=True):
-        if s.endswith(unit):
-            number = s[: -len(unit)]
-            break
-    else:
-        unit, number = "B", s
-    try:
-        value = int(float(number) * _UNITS[unit])
-    except ValueError:
-        raise ValueError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)") from None
-    if value <= 0:
-        raise ValueError(f"size must be positive: {text!r}")
-    return value
+__all__ = ["INDEX_NAME", "ShardWriter", "TensorSpec", "check_output_free", "output_folder", "parse_size",
+           "plan_shards", "shard_name"]
 
 
 @dataclass(frozen=True)

@@ -40,10 +40,10 @@ def resolve_compute(cfg, device: str) -> str:
 
 
 def workload(cfg, device: str | None = None, compute: str | None = None) -> Workload:
-    from ..peft.lora import LoraSpec
+    from ..weight_kinds import check_target_names, parse_targets
 
     device = device or resolve_device(cfg)
-    targets = LoraSpec.from_train_config(cfg).targets if cfg.peft else ()
+    targets = check_target_names(list(parse_targets(cfg.lora_targets))) if cfg.peft else ()
     return Workload(batch=cfg.batch_size, seq=cfg.seq_len, compute=compute or resolve_compute(cfg, device),
                     peft=cfg.peft, lora_rank=cfg.lora_rank, lora_targets=tuple(targets),
                     lora_dropout=cfg.lora_dropout, quantize=cfg.quantize, optimizer=cfg.optimizer,

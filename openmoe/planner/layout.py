@@ -1,4 +1,5 @@
-"""Parallel layouts the planner models, sizes like "80GB", and checks of the planner's flags.
+"""Parallel layouts the planner models, sizes as the table prints them (parsed by utils/sizes.py),
+and checks of the planner's flags.
 
 A layout is the trainer's: `world` ranks; `ep` of them split the experts between them (expert
 parallelism, E / ep experts per rank, over dp = world / ep replicas); `fsdp` = world shards
@@ -15,20 +16,11 @@ across nodes; memory per rank is the same either way, only the links each collec
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
-UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40, "k": 10 ** 3, "m": 10 ** 6,
-         "g": 10 ** 9, "t": 10 ** 12}
+from ..utils.sizes import parse_size
 
-
-def parse_size(text: str) -> int:
-    """'80GB' -> 80e9 bytes, '24GiB' -> 24 * 2^30, '1.5TB', '512MiB'."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"{text!r}: expected a size like 80GB, 24GiB or 512MiB")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+__all__ = ["Layout", "candidate_layouts", "check_plan_fields", "default_world", "format_size", "parse_size"]
 
 
 def format_size(n: float) -> str:
@@ -119,8 +111,7 @@ def check_plan_fields(cfg) -> None:
     """TrainConfig's planner fields; ValueError naming the flag."""
     if cfg.device_memory is not None:
         try:
-            if parse_size(cfg.device_memory) <= 0:
-                raise ValueError(f"{cfg.device_memory!r}: must be > 0")
+            parse_size(cfg.device_memory)  # > 0
         except ValueError as e:
             raise ValueError(f"device_memory={cfg.device_memory!r}: {e}") from None
     if cfg.world is not None:

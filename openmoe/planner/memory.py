@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..peft.targets import DEFAULT_TARGETS
+from ..weight_kinds import DEFAULT_LORA_TARGETS
 from .activations import Needs, TokenBytes, kept_assignments
 from .layout import Layout
 from .params import FREEZE_KINDS, QUANTIZABLE, Param, inventory, lora_targets_of
@@ -38,7 +38,7 @@ class Workload:
     compute: str = "bf16"  # bf16 | fp32
     peft: str | None = None  # None (full fine-tuning) | lora
     lora_rank: int = 8
-    lora_targets: tuple = tuple(DEFAULT_TARGETS)
+    lora_targets: tuple = tuple(DEFAULT_LORA_TARGETS)
     lora_dropout: float = 0.0
     quantize: str | None = None  # 4bit | 8bit
     optimizer: str = "adamw"

@@ -10,14 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ..peft.targets import check_target_names, weight_matches
+from ..weight_kinds import FREEZE_GROUPS, KINDS, check_target_names, kind_of, weight_matches
 
-KINDS = ("embedding", "lm_head", "attention", "mlp", "extra_mlp", "router", "experts", "norm")
-# TrainConfig.freeze groups -> kinds (openmoe/training/optim.py FREEZE_GROUPS)
-FREEZE_KINDS = {"router": ("router",), "experts": ("experts",), "embeddings": ("embedding",),
-                "lm_head": ("lm_head",), "attention": ("attention",), "mlp": ("mlp", "extra_mlp"),
-                "norms": ("norm",)}
+FREEZE_KINDS = FREEZE_GROUPS  # TrainConfig.freeze groups -> kinds (the table of openmoe/weight_kinds.py)
 QUANTIZABLE = ("attention", "mlp", "extra_mlp", "experts")  # Linear layers + our expert stacks
+
+__all__ = ["FREEZE_KINDS", "KINDS", "QUANTIZABLE", "Param", "inventory", "lora_targets_of"]
 
 
 @dataclass(frozen=True)
@@ -31,24 +29,6 @@ class Param:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
-
-
-def _kind(name: str) -> str:
-    if name.startswith("model.embed_tokens."):
-        return "embedding"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    if ".self_attn." in name:
-        return "attention"
-    if ".extra_mlp." in name:
-        return "extra_mlp"
-    if ".mlp.experts." in name:
-        return "experts"
-    if name.endswith(".mlp.gate_weight"):
-        return "router"
-    if ".mlp." in name:
-        return "mlp"
-    return "norm"
 
 
 def inventory(config) -> list[Param]:
@@ -68,15 +48,15 @@ def _inventory(config_json: str) -> tuple[Param, ...]:
         parts = name.split(".")
         layer = int(parts[2]) if name.startswith("model.layers.") else None
         leaf = parts[-1] if parts[-1] != "weight" else parts[-2]
-        out.append(Param(name, tuple(p.shape), _kind(name), layer, leaf))
+        out.append(Param(name, tuple(p.shape), kind_of(name), layer, leaf))
     return tuple(out)
 
 
 def lora_targets_of(params: list[Param], targets) -> dict[str, int]:
     """name of each adapted parameter -> its LoRA parameter count per unit of rank, from the
-    same target table as openmoe.peft (a Linear [out, in]: r (in + out); an expert stack
-    [E, a, b]: r E (a + b); the router [E, H]: r (E + H)). ValueError for a target that matches
-    nothing."""
+    target table openmoe.peft uses too (openmoe/weight_kinds.py; a Linear [out, in]: r (in + out);
+    an expert stack [E, a, b]: r E (a + b); the router [E, H]: r (E + H)). ValueError for a
+    target that matches nothing."""
     hit: dict[str, int] = {}
     for t in check_target_names(list(targets)):
         matches = [p for p in params if weight_matches(p.name, t)]

@@ -3,32 +3,21 @@
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 
+from ..weight_kinds import FREEZE_GROUPS, kind_of
 from .config import ConfigError
-
-# Parameter-name patterns of OpenMoeForCausalLM for each freezable group.
-FREEZE_GROUPS = {
-    "router": r"\.mlp\.gate_weight$",
-    "experts": r"\.mlp\.experts\.",
-    "embeddings": r"^model\.embed_tokens\.",
-    "lm_head": r"^lm_head\.",
-    "attention": r"\.self_attn\.",
-    "mlp": r"\.(mlp|extra_mlp)\.(gate|up|down)_proj\.",
-    "norms": r"(layernorm|norm)\.weight$",
-}
 
 
 def freeze(model: torch.nn.Module, groups: list[str]) -> int:
-    """requires_grad=False for the named groups; returns how many tensors were frozen."""
+    """requires_grad=False for the named groups (openmoe/weight_kinds.py FREEZE_GROUPS); returns how
+    many tensors were frozen."""
     n = 0
     for g in groups:
         if g not in FREEZE_GROUPS:
             raise ConfigError(f"--freeze {g!r}: unknown group; choose from {sorted(FREEZE_GROUPS)}")
-        pat = re.compile(FREEZE_GROUPS[g])
-        hit = [p for name, p in model.named_parameters() if pat.search(name)]
+        hit = [p for name, p in model.named_parameters() if kind_of(name) in FREEZE_GROUPS[g]]
         if not hit:
             raise ConfigError(f"--freeze {g!r}: matches no parameter of this model")
         for p in hit:
