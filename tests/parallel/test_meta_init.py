@@ -60,6 +60,7 @@ def _worker(rank, world, ep, fsdp, folder, port, out_dir):
     rope = float((model.model.rotary_emb.inv_freq - ref.model.rotary_emb.inv_freq).abs().max())
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"err": err, "rope": rope, "n": len(refp), "marked": marked}, f)
+    dist.barrier()  # no rank tears gloo down while its peer still reads (seen once: SIGABRT in CI)
     dist.destroy_process_group()
 
 
@@ -145,6 +146,7 @@ def _rss_worker(rank, world, width, port, out_dir):
     with open(os.path.join(out_dir, f"rss{world}_{rank}.json"), "w") as f:
         json.dump({"peak": peak}, f)
     if world > 1:
+        dist.barrier()
         dist.destroy_process_group()
 
 
