@@ -31,7 +31,6 @@ so a checkpoint without a manifest is refused unless the caller trusts it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -44,7 +43,8 @@ import torch.distributed.checkpoint as dcp
 from ..parallel.fsdp import global_expert
 from ..parallel.grads import is_expert, is_sharded
 from ..parallel.mesh import ParallelState
-from ..utils.manifest import ManifestError, has_manifest, verify_manifest, write_manifest
+from ..utils.atomic import fresh_folder, publish_folder
+from ..utils.manifest import ManifestError, has_manifest, verify_manifest
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -52,15 +52,6 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 def _barrier(ps: ParallelState) -> None:
     if ps.distributed:
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _global(t: torch.Tensor, sharded: bool, ps: ParallelState):
@@ -108,10 +99,8 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
     ps = ps or ParallelState()
     root = Path(ckpt_root)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    if ps.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    if ps.is_main:  # one folder for all ranks: its name is the step's, not a pid's
+        fresh_folder(tmp)
     _barrier(ps)
     try:
         with warnings.catch_warnings():
@@ -128,12 +117,8 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
         (tmp / "trainer_state.json").write_text(json.dumps(
             {"step": step, "world": ps.world, "ep": ps.ep, "scheduler": scheduler.state_dict(), **state}))
     _barrier(ps)
-    if ps.is_main:
-        write_manifest(tmp)  # last, every rank's files in it: the folder is whole
-        _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: the step folder appears only when whole
-        _fsync_dir(root)
+    if ps.is_main:  # the manifest last, every rank's files in it; the step folder appears only when whole
+        publish_folder(tmp, final, fsync=True)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ps)
