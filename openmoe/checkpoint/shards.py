@@ -19,7 +19,6 @@ import json
 import math
 import mmap
 import os
-import shutil
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -252,39 +251,11 @@ def output_folder(out: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
     """Yield a temporary folder beside `out` (same filesystem, so the rename is atomic);
     write its manifest.json and rename it to `out` on success, delete it on any error or
     interrupt (SIGTERM too, under utils.cli.install_signal_handlers). Stale temporary folders
-    of dead processes are removed first."""
+    of dead processes are removed first (utils/atomic.py)."""
+    from ..utils.atomic import atomic_folder
+
     out = Path(out).absolute()
     check_output_free(out)
-    from ..utils.cli import remove_stale_temps, tmp_sibling
-    from ..utils.manifest import write_manifest
-
-    remove_stale_temps(out)  # leftovers of runs killed with SIGKILL (SIGTERM/SIGINT clean up below)
-    tmp = tmp_sibling(out)
-    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed run of this same pid
-    tmp.mkdir()
-    try:
+    with atomic_folder(out, fsync=fsync, replace=False) as tmp:  # replaces an empty folder only
         yield tmp
-        write_manifest(tmp)  # last: sha256 of every file, verified by our loaders
-        if fsync:
-            _fsync_folder(tmp)
         check_output_free(out)  # nothing appeared there meanwhile
-        if out.exists():
-            out.rmdir()  # empty: replace it
-        os.rename(tmp, out)
-        if fsync:
-            _fsync_folder(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _fsync_folder(folder: Path) -> None:
-    for p in folder.iterdir():  # small files (config, tokenizer) too, then the folder entries
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

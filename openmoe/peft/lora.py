@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,24 +140,19 @@ def save_adapter(model, path: str | os.PathLike, base_model: str | None = None, 
     from peft import get_peft_model_state_dict
     from safetensors.torch import save_file
 
-    path = Path(path)
-    tmp = path.parent / f".tmp_{path.name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    from ..utils.atomic import atomic_folder
+
     cfg = copy.deepcopy(model.peft_config[ADAPTER])
     cfg.base_model_name_or_path = str(base_model) if base_model else cfg.base_model_name_or_path
     cfg.inference_mode = True
-    cfg.save_pretrained(tmp)
     sd = get_peft_model_state_dict(model, adapter_name=ADAPTER)
-    save_file({PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()},
-              tmp / "adapter_model.safetensors", metadata={"format": "pt"})
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if path.exists():
-        shutil.rmtree(path)
-    os.rename(tmp, path)
-    return path
+    with atomic_folder(path, manifest=False) as tmp:
+        cfg.save_pretrained(tmp)
+        save_file({PEFT_PREFIX + k: v.detach().contiguous().cpu() for k, v in sd.items()},
+                  tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(path)
 
 
 def load_adapter(model, path: str | os.PathLike, trainable: bool = False):
@@ -207,24 +201,3 @@ def merge_lora(model):
     if hasattr(model, "peft_config"):
         del model.peft_config
     return model
-
-
-def lora_flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token of a LoRA step: forward and input gradients through the frozen
-    base (4 x active base parameters, no weight gradients), 6 x the LoRA parameters a token
-    passes through, and attention as in metrics.flops_per_token."""
-    from ..training.metrics import token_share
-
-    cfg = model.config
-    base = lora = 0
-    for name, p in model.named_parameters():
-        clean = name.replace(".base_layer", "")
-        if clean.startswith("model.embed_tokens."):
-            continue
-        n = token_share(clean, p, cfg)
-        if ".lora_" in clean:
-            lora += n
-        else:
-            base += n
-    attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 4 * base + 6 * lora + attn

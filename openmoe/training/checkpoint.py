@@ -35,7 +35,6 @@ so a checkpoint without a manifest is refused unless the caller trusts it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import warnings
@@ -50,7 +49,8 @@ from ..parallel.fsdp import global_expert
 from ..parallel.layers import expert_parallel_layers
 from ..parallel.grads import is_expert, is_expert_state, is_sharded
 from ..parallel.mesh import ParallelState
-from ..utils.manifest import ManifestError, has_manifest, verify_manifest, write_manifest
+from ..utils.atomic import fresh_folder, publish_folder
+from ..utils.manifest import ManifestError, has_manifest, verify_manifest
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -58,15 +58,6 @@ STEP_RE = re.compile(r"^step_(\d{8})$")
 def _barrier(ps: ParallelState) -> None:
     if ps.distributed:
         dist.barrier()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-    except OSError:
-        pass
 
 
 def _global(t: torch.Tensor, sharded: bool, ps: ParallelState):
@@ -113,10 +104,8 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
     ps = ps or ParallelState()
     root = Path(ckpt_root)
     final, tmp = root / f"step_{step:08d}", root / f".tmp_step_{step:08d}"
-    if ps.is_main:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+    if ps.is_main:  # one folder for all ranks: its name is the step's, not a pid's
+        fresh_folder(tmp)
     _barrier(ps)
     try:
         with warnings.catch_warnings(), logical_order(model, optimizer, ps):
@@ -134,12 +123,8 @@ def save(ckpt_root: str | Path, step: int, model, optimizer, scheduler, state: d
             {"step": step, "world": ps.world, "ep": ps.ep, "expert_order": "logical",
              "scheduler": scheduler.state_dict(), **state}))
     _barrier(ps)
-    if ps.is_main:
-        write_manifest(tmp)  # last, every rank's files in it: the folder is whole
-        _fsync_dir(tmp)
-        shutil.rmtree(final, ignore_errors=True)
-        os.rename(tmp, final)  # atomic: the step folder appears only when whole
-        _fsync_dir(root)
+    if ps.is_main:  # the manifest last, every rank's files in it; the step folder appears only when whole
+        publish_folder(tmp, final, fsync=True)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(ps)

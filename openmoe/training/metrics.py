@@ -48,10 +48,23 @@ def expert_params(model) -> int:
 
 def flops_per_token(model, seq_len: int) -> float:
     """Training FLOPs per token: 6 x active parameters + attention scores and values
-    (12 x layers x heads*head_dim x seq), as in the PaLM appendix."""
+    (12 x layers x heads*head_dim x seq), as in the PaLM appendix. With a LoRA adapter (PEFT's
+    `.lora_` weights) the frozen base costs 4 x its active parameters (forward and input
+    gradients, no weight gradients) and the adapter 6 x the LoRA parameters a token passes through."""
     cfg = model.config
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
-    return 6 * active_params(model) + attn
+    base = lora = 0
+    for name, p in model.named_parameters():
+        clean = name.replace(".base_layer", "")  # PEFT's wrappers: count the weight where it is
+        if clean.startswith("model.embed_tokens."):
+            continue
+        if ".lora_" in clean:
+            lora += token_share(clean, p, cfg)
+        else:
+            base += token_share(clean, p, cfg)
+    if not lora:
+        return 6 * active_params(model) + attn
+    return 4 * base + 6 * lora + attn
 
 
 def executed_flops(tokens: float, flops_per_token: float, expert_flops_per_token: float,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -29,13 +28,15 @@ from ..parallel.grads import is_sharded
 from ..planner.layout import Layout
 from ..utils.cli import DirLock, atomic_write_text
 from ..utils.hardware import default_dtype, measured_peak, retain_freed_memory
-from ..utils.manifest import verify_manifest, write_manifest
+from ..utils.atomic import atomic_folder
+from ..utils.manifest import verify_manifest
 from . import checkpoint as ckpt
 from .compile import compile_layers
 from .config import ConfigError, TrainConfig, dump_config, model_config
 from .metrics import (MetricsSink, executed_flops, expert_params, expert_stats, flops_per_token,
                       missing_backends, routed_per_expert)
 from .optim import build_optimizer, freeze, lr_lambda
+from .preflight import preflight
 
 # what train_step logs of the model's losses, in this order (the total first, then its parts)
 LOSS_KEYS = ("loss", "lm_loss", "aux_loss", "router_z_loss", "output_z_loss")
@@ -84,8 +85,6 @@ class Trainer:
         if not self.resume and not cfg.eval_only and ckpt.list_checkpoints(self.ckpt_dir):
             raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
                               f"or choose another --out_dir")
-        from ..peft.training import preflight
-
         preflight(cfg, self.device, self.ps.world)  # QLoRA requirements, the memory plan: before loading
         torch.manual_seed(cfg.seed)
         tok_path = cfg.tokenizer or cfg.init_from
@@ -164,11 +163,7 @@ class Trainer:
                 self.log(f"resumed from {last} at step {self.step}")
             else:
                 self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
-        self.flops_per_token = flops_per_token(self.model, cfg.seq_len)
-        if cfg.peft:  # frozen weights get no weight gradients: 4x, not 6x, their parameters
-            from ..peft import lora_flops_per_token
-
-            self.flops_per_token = lora_flops_per_token(self.model, cfg.seq_len)
+        self.flops_per_token = flops_per_token(self.model, cfg.seq_len)  # LoRA: 4x, not 6x, the frozen base
         # the expert part of flops_per_token: what a dropped assignment does not cost
         self.expert_flops_per_token = (4 if cfg.peft else 6) * expert_params(self.model)
         peak = cfg.peak_tflops * 1e12 if cfg.peak_tflops else measured_peak(self.amp_dtype, self.device) * 1e9
@@ -487,12 +482,14 @@ class Trainer:
 
     def export(self) -> Path:
         """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""
-        if self.cfg.peft:  # the adapter (PEFT format), the base, and with --merge the merged folder
+        cfg = self.cfg
+        if cfg.peft:  # the adapter (PEFT format), the base, and with --merge the merged folder
             from ..peft.training import export as export_peft
 
-            return export_peft(self)
-        final, tmp = self.out / "final", self.out / ".tmp_final"
-        if self.ps.distributed and (self.ps.ep > 1 or self.cfg.fsdp > 1):
+            return export_peft(self.model, self.tokenizer.hf, self.out, init_from=cfg.init_from, merge=cfg.merge,
+                               quantize=cfg.quantize, model_overrides=cfg.model_overrides, ps=self.ps, log=self.log)
+        final = self.out / "final"
+        if self.ps.distributed and (self.ps.ep > 1 or cfg.fsdp > 1):
             from ..parallel.export import export_distributed
 
             export_distributed(self.model, self.tokenizer.hf, final, self.ps)
@@ -501,18 +498,9 @@ class Trainer:
         if not self.ps.is_main:
             dist.barrier()
             return final
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        try:
+        with atomic_folder(final) as tmp:  # the manifest last: verified by infer.py and --init_from
             self.model.save_pretrained(tmp)
             self.tokenizer.hf.save_pretrained(tmp)
-            write_manifest(tmp)  # last: sha256 of every file, verified by infer.py and --init_from
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
         if self.ps.distributed:
             dist.barrier()
         self.log(f"exported HF folder: {final}")
