@@ -133,3 +133,33 @@ def assert_same_weights(ma, mb) -> None:
         diff = (pa - pb).abs()
         assert pa.shape == pb.shape and diff.max() < 1e-3 and (diff > 1e-4).float().mean() < 1e-3, \
             (n, diff.max(), int((diff > 1e-4).sum()))
+
+
+def join_gloo(rank: int, port: int, world: int) -> None:
+    """A spawned test worker joins the gloo group on localhost, one thread per rank (the ranks
+    share the machine's few cores)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+
+
+def seeded_twins(cfg, ps, **parallelize_kw):
+    """(one-process reference, its parallelised copy): the same seed-0 weights, training mode."""
+    import copy
+
+    import torch
+
+    from openmoe import OpenMoeForCausalLM
+    from openmoe.parallel import parallelize
+
+    torch.manual_seed(0)
+    ref = OpenMoeForCausalLM(cfg).train()
+    return ref, parallelize(copy.deepcopy(ref), ps, **parallelize_kw)
+
+
+def seeded_ep_model(ps, **cfg_overrides):
+    """(cfg, the seed-0 tiny model parallelised over ps): the set-up of the balancer tests."""
+    cfg = tiny_config(**cfg_overrides)
+    return cfg, seeded_twins(cfg, ps)[1]

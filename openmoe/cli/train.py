@@ -55,8 +55,9 @@ def main(argv=None) -> int:
             cfg = load_config(args.config, rest)
             if cfg.plan:  # from the model config on the meta device: no weights, no data
                 from openmoe.planner.cli import plan_text
+                from openmoe.training.config import model_config
 
-                print(plan_text(cfg)[0])
+                print(plan_text(cfg, model_config(cfg))[0])
                 return 0
             trainer = Trainer(cfg, resume=args.resume, verify=not args.no_verify,
                               trust_checkpoint=args.trust_checkpoint)

@@ -14,6 +14,8 @@ import itertools
 import multiprocessing as mp
 import os
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Iterator
 
 import numpy as np
@@ -61,7 +63,7 @@ class TokenizingStream:
 
     def _reset(self) -> None:
         self._reader: Iterator | None = None
-        self._pending: deque = deque()  # chunks in flight: (positions, AsyncResult)
+        self._pending: deque = deque()  # chunks in flight: (positions, Future)
         self._ready: deque = deque()  # (epoch, index, ids) ready to hand out
 
     # ---- reading
@@ -87,9 +89,12 @@ class TokenizingStream:
         texts = [t for _, _, t in items]
         pos = [(e, i) for e, i, _ in items]
         if self._pool is None:
-            ctx = mp.get_context("fork")
-            self._pool = ctx.Pool(self.workers, initializer=_init, initargs=(self.encode,))
-        self._pending.append((pos, self._pool.apply_async(_encode_chunk, (texts,))))
+            # an executor, not multiprocessing.Pool: a worker that dies (killed, out of memory)
+            # breaks the executor and every waiting future says so, where Pool would wait forever
+            # for the chunk the dead worker held
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
+                                             initializer=_init, initargs=(self.encode,))
+        self._pending.append((pos, self._pool.submit(_encode_chunk, texts)))
         return True
 
     def _fill(self) -> None:
@@ -98,7 +103,12 @@ class TokenizingStream:
         while len(self._pending) < 2 * self.workers and self._submit():
             pass
         pos, res = self._pending.popleft()
-        flat, lens = res.get()
+        try:
+            flat, lens = res.result()
+        except BrokenProcessPool:
+            self.close()
+            raise DataError(f"data source {self.src.name!r}: a tokenizer worker process died (killed or out of "
+                            f"memory?); lower `workers` ({self.workers}) or set it to 0") from None
         start = 0
         for (e, i), n in zip(pos, lens.tolist()):
             self._ready.append((e, i, flat[start:start + n]))
@@ -114,8 +124,11 @@ class TokenizingStream:
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool = None
+            pool, self._pool = self._pool, None
+            for _, fut in self._pending:
+                fut.cancel()
+            self._pending.clear()
+            pool.shutdown(wait=False, cancel_futures=True)
 
     def __del__(self):
         try:

@@ -13,13 +13,9 @@ from .lora import LoraSpec, attach_lora, load_adapter, merge_lora, save_adapter
 from .quant import CODECS, bnb_config, quantize_experts
 
 
-def base_dtype(amp_dtype: torch.dtype) -> torch.dtype:
-    """Frozen weights need no fp32 master copy: they are stored in the compute dtype."""
-    return amp_dtype
-
-
 def from_pretrained_kwargs(cfg, amp_dtype: torch.dtype, device: str) -> dict:
-    kw = {"dtype": base_dtype(amp_dtype)}
+    """The frozen base is stored in the compute dtype: frozen weights need no fp32 master copy."""
+    kw = {"dtype": amp_dtype}
     if cfg.quantize:
         kw["quantization_config"] = bnb_config(cfg.quantize, amp_dtype)
         kw["device_map"] = {"": device}
@@ -31,7 +27,7 @@ def prepare_model(model, cfg, amp_dtype: torch.dtype):
     then attach the LoRA adapter (every base weight frozen). A target that fits nothing raises
     ValueError naming the flag (training/preflight.py checks the same before loading)."""
     if not cfg.quantize:
-        model.to(base_dtype(amp_dtype))
+        model.to(amp_dtype)  # frozen: no fp32 master copy
     else:
         quantize_experts(model, CODECS[cfg.quantize]())
     return attach_lora(model, LoraSpec.from_train_config(cfg))

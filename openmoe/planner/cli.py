@@ -13,14 +13,6 @@ class PlanDoesNotFit(ValueError):
     full_message = True  # utils.cli prints it whole: the first line names the flag, the table follows
 
 
-def model_config(cfg):
-    """The model config of a run, without weights: cfg.model, or init_from's config.json, with
-    model_overrides applied before the config's validation (training.config.model_config)."""
-    from ..training.config import model_config as _model_config
-
-    return _model_config(cfg)
-
-
 def resolve_device(cfg) -> str:
     import torch
 
@@ -118,9 +110,10 @@ def describe(cfg, mcfg) -> str:
     return f"Memory plan: {src} ({mcfg.num_hidden_layers} layers, H {mcfg.hidden_size}, E {mcfg.num_experts}), {what}"
 
 
-def plan_text(cfg, world: int | None = None) -> tuple[str, bool]:
-    """(the table, whether it fits device_memory: True when none is given)."""
-    mcfg = model_config(cfg)
+def plan_text(cfg, mcfg, world: int | None = None) -> tuple[str, bool]:
+    """(the table, whether it fits device_memory: True when none is given). mcfg: the run's model
+    config, from the caller (training.config.model_config: the planner does not read TrainConfigs'
+    model sources itself, so it imports nothing of the training layer)."""
     w = workload(cfg)
     lay = Layout(world or cfg.world or default_world(), cfg.ep, cfg.fsdp, cfg.fsdp_experts)
     p = plan_memory(mcfg, w, lay)
@@ -129,11 +122,11 @@ def plan_text(cfg, world: int | None = None) -> tuple[str, bool]:
     return render(p, describe(cfg, mcfg), budget, sugg), budget is None or p.fits(budget)
 
 
-def check_fits(cfg, world: int) -> None:
+def check_fits(cfg, mcfg, world: int) -> None:
     """Before loading: raise PlanDoesNotFit with the table when the plan exceeds device_memory."""
     if not cfg.device_memory:
         return
-    text, ok = plan_text(cfg, world)
+    text, ok = plan_text(cfg, mcfg, world)
     if not ok:
         raise PlanDoesNotFit(f"the memory plan does not fit --device_memory {cfg.device_memory}; stopped "
                              f"before loading.\n{text}")

@@ -33,16 +33,22 @@ def token_share(name: str, p: torch.Tensor, cfg) -> float:
     return p.numel() * cfg.num_experts_per_tok / cfg.num_experts  # e.g. an adapter over all E
 
 
+def _named_params(model):
+    """named_parameters with PEFT's `.base_layer` wrappers taken out of the names: a wrapped
+    weight is counted where it sits in the model (a LoRA-wrapped router is still the router)."""
+    return ((name.replace(".base_layer", ""), p) for name, p in model.named_parameters())
+
+
 def active_params(model) -> int:
     """Parameters one token passes through: all but the embedding table, each MoE layer's
     experts counted k of E (sharded or not)."""
-    return int(sum(token_share(name, p, model.config) for name, p in model.named_parameters()
+    return int(sum(token_share(name, p, model.config) for name, p in _named_params(model)
                    if not name.startswith("model.embed_tokens.")))
 
 
 def expert_params(model) -> int:
     """The part of active_params in the routed experts (k per MoE layer)."""
-    return int(sum(token_share(name, p, model.config) for name, p in model.named_parameters()
+    return int(sum(token_share(name, p, model.config) for name, p in _named_params(model)
                    if ".mlp.experts." in name))
 
 
@@ -54,14 +60,13 @@ def flops_per_token(model, seq_len: int) -> float:
     cfg = model.config
     attn = 12 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * seq_len
     base = lora = 0
-    for name, p in model.named_parameters():
-        clean = name.replace(".base_layer", "")  # PEFT's wrappers: count the weight where it is
-        if clean.startswith("model.embed_tokens."):
+    for name, p in _named_params(model):
+        if name.startswith("model.embed_tokens."):
             continue
-        if ".lora_" in clean:
-            lora += token_share(clean, p, cfg)
+        if ".lora_" in name:
+            lora += token_share(name, p, cfg)
         else:
-            base += token_share(clean, p, cfg)
+            base += token_share(name, p, cfg)
     if not lora:
         return 6 * active_params(model) + attn
     return 4 * base + 6 * lora + attn

@@ -20,12 +20,12 @@ def check_before_loading(cfg, device: str) -> None:
                              f"an HF folder (a fresh model has nothing to quantize)")
 
 
-def _check_targets_on_meta(cfg) -> None:
+def _check_targets_on_meta(cfg, mcfg) -> None:
     """A target that matches nothing, found on the meta-device model (nothing allocated)."""
     from ..peft.lora import LoraSpec
     from ..planner.params import inventory, lora_targets_of
 
-    lora_targets_of(inventory(model_config(cfg)), LoraSpec.from_train_config(cfg).targets)
+    lora_targets_of(inventory(mcfg), LoraSpec.from_train_config(cfg).targets)
 
 
 def preflight(cfg, device: str, world: int) -> None:
@@ -34,12 +34,15 @@ def preflight(cfg, device: str, world: int) -> None:
     from ..planner.cli import check_fits
 
     try:
+        # the model config (read from init_from's config.json) only when a check needs it, so
+        # a run without them meets its model's errors where it builds the model
+        mcfg = model_config(cfg) if cfg.peft or cfg.device_memory else None
         if cfg.peft:
             if cfg.fsdp > 1:
                 raise ValueError(f"fsdp={cfg.fsdp}: LoRA under FSDP2 is not supported yet; use --fsdp 1")
             check_before_loading(cfg, device)
-            _check_targets_on_meta(cfg)
-        check_fits(cfg, world)
+            _check_targets_on_meta(cfg, mcfg)
+        check_fits(cfg, mcfg, world)
     except (ValueError, RuntimeError) as e:  # PlanDoesNotFit, QuantizationUnavailable, bad combinations
         err = ConfigError(str(e))
         err.full_message = getattr(e, "full_message", False)  # the plan's table comes with the error

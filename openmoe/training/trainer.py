@@ -33,6 +33,7 @@ from ..utils.manifest import verify_manifest
 from . import checkpoint as ckpt
 from .compile import compile_layers
 from .config import ConfigError, TrainConfig, dump_config, model_config
+from .evaluation import draw_eval_batches, evaluate
 from .metrics import (MetricsSink, executed_flops, expert_params, expert_stats, flops_per_token,
                       missing_backends, routed_per_expert)
 from .optim import build_optimizer, freeze, lr_lambda
@@ -76,6 +77,21 @@ class Trainer:
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
+        """Everything before the first step, in order: the checks that need no weights, the
+        tokenizer, the parallelised model, optimizer and data, the resumed state, the log lines."""
+        self._check_start()
+        torch.manual_seed(self.cfg.seed)
+        self._load_tokenizer()
+        self.model = self._parallel_model()
+        self._optimizer_and_data()
+        self.step = 0
+        if self.resume:
+            self._resume()
+        self._measure_and_report()
+
+    def _check_start(self) -> None:
+        """What stops a run before anything is loaded: a second run on out_dir, a missing metrics
+        backend, checkpoints without --resume, and the checks of training/preflight.py."""
         cfg = self.cfg
         if self.ps.is_main:
             self.lock.acquire()  # a second run on the same out_dir stops here, with a clear line
@@ -86,8 +102,9 @@ class Trainer:
             raise ConfigError(f"out_dir {cfg.out_dir} already has checkpoints: pass --resume to continue "
                               f"or choose another --out_dir")
         preflight(cfg, self.device, self.ps.world)  # QLoRA requirements, the memory plan: before loading
-        torch.manual_seed(cfg.seed)
-        tok_path = cfg.tokenizer or cfg.init_from
+
+    def _load_tokenizer(self) -> None:
+        tok_path = self.cfg.tokenizer or self.cfg.init_from
         if tok_path is None:
             raise ConfigError("tokenizer: give a tokenizer (HF folder/name or sentencepiece .model)")
         try:
@@ -95,6 +112,11 @@ class Trainer:
         except ValueError as e:
             raise ConfigError(str(e)) from None
         ensure_chat_template(self.tokenizer.hf)  # every exported folder can apply_chat_template
+
+    def _parallel_model(self):
+        """Built on meta, parallelised (EP / FSDP2 / HSDP), then each rank fills only its own
+        shards; then the adapter, freezing, activation checkpointing and compilation."""
+        cfg = self.cfg
         if cfg.fsdp > 1:
             from ..parallel.fsdp import check_shard_size
 
@@ -104,34 +126,46 @@ class Trainer:
                 raise ConfigError(str(e)) from None
         model = self._build_model()
         on_meta = next(model.parameters()).is_meta
-        self.model = parallelize(model if on_meta else model.to(self.device), self.ps,
-                                 fsdp=cfg.fsdp,
-                                 param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
-                                 fsdp_experts=cfg.fsdp_experts)
-        if on_meta:  # each rank allocates and fills only its own shards (openmoe/parallel/materialize.py)
-            from ..parallel.materialize import materialize_fresh, materialize_from
-
-            try:
-                if cfg.init_from:
-                    materialize_from(self.model, cfg.init_from, self.device)
-                else:
-                    materialize_fresh(self.model, self.device, cfg.seed)
-            except ValueError as e:
-                raise ConfigError(f"init_from {cfg.init_from}: {e}" if cfg.init_from else str(e)) from None
-        set_ep_exchange(self.model, cfg.ep_overlap_chunks, cfg.ep_hierarchical, cfg.ep_ranks_per_node)
+        model = parallelize(model if on_meta else model.to(self.device), self.ps,
+                            fsdp=cfg.fsdp,
+                            param_dtype=self.amp_dtype if self.amp_dtype != torch.float32 else None,
+                            fsdp_experts=cfg.fsdp_experts)
+        if on_meta:
+            self._materialize(model)
+        set_ep_exchange(model, cfg.ep_overlap_chunks, cfg.ep_hierarchical, cfg.ep_ranks_per_node)
         if cfg.peft:  # frozen base + LoRA adapter through PEFT (openmoe/peft)
             from ..peft.training import prepare_model
 
-            self.model = prepare_model(self.model, cfg, self.amp_dtype)
+            model = prepare_model(model, cfg, self.amp_dtype)
         if cfg.freeze:
-            freeze(self.model, cfg.freeze)
+            freeze(model, cfg.freeze)
         if cfg.activation_checkpointing:
-            self.model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable()
         if cfg.compile:
-            n = compile_layers(self.model)
+            n = compile_layers(model)
             self.log(f"compile: {n} decoder layers compiled with torch.compile(fullgraph=True); the first "
                      f"steps include compilation")
-        self.model.train()
+        model.train()
+        return model
+
+    def _materialize(self, model) -> None:
+        """Each rank allocates and fills only its own shards (openmoe/parallel/materialize.py)."""
+        from ..parallel.materialize import materialize_fresh, materialize_from
+
+        cfg = self.cfg
+        try:
+            if cfg.init_from:
+                materialize_from(model, cfg.init_from, self.device)
+            else:
+                materialize_fresh(model, self.device, cfg.seed)
+        except ValueError as e:
+            raise ConfigError(f"init_from {cfg.init_from}: {e}" if cfg.init_from else str(e)) from None
+
+    def _optimizer_and_data(self) -> None:
+        from ..parallel.balance import ExpertBalancer
+        from ..parallel.balance_search import SwapSearch
+
+        cfg = self.cfg
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg))
         sources = [SourceConfig.from_dict(dict(s)) for s in cfg.data]
@@ -142,27 +176,28 @@ class Trainer:
                                   cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id) if sources else None
         self.eval_sources = [SourceConfig.from_dict({**dict(s), "weight": 1.0}) for s in cfg.eval_data]
         self._eval_cache = None
-        from ..parallel.balance import ExpertBalancer
-        from ..parallel.balance_search import SwapSearch
-
         search = SwapSearch(tolerance=cfg.balance_tolerance) if cfg.balance_search == "swap" else None
         self.balancer = ExpertBalancer(self.model, self.optimizer, self.ps, cfg.balance_every, self.log, search)
-        self.step = 0
-        if self.resume:
-            last = ckpt.latest(self.ckpt_dir, self.ps)
-            if last is not None:
-                try:
-                    state = ckpt.load(last, self.model, self.optimizer, self.scheduler, self.ps,
-                                      verify=self.verify, trust=self.trust_checkpoint)
-                except ValueError as e:
-                    raise ConfigError(str(e)) from None
-                self.step = state["step"]
-                self.data.load_state(state["data"])
-                if state.get("placement"):
-                    self.balancer.load_state(state["placement"])
-                self.log(f"resumed from {last} at step {self.step}")
-            else:
-                self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+
+    def _resume(self) -> None:
+        last = ckpt.latest(self.ckpt_dir, self.ps)
+        if last is None:
+            self.log(f"--resume: no checkpoint in {self.ckpt_dir}, starting from step 0")
+            return
+        try:
+            state = ckpt.load(last, self.model, self.optimizer, self.scheduler, self.ps,
+                              verify=self.verify, trust=self.trust_checkpoint)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.step = state["step"]
+        self.data.load_state(state["data"])
+        if state.get("placement"):
+            self.balancer.load_state(state["placement"])
+        self.log(f"resumed from {last} at step {self.step}")
+
+    def _measure_and_report(self) -> None:
+        """FLOPs per token and the peak for MFU; the run's layout and size, logged; its config saved."""
+        cfg = self.cfg
         self.flops_per_token = flops_per_token(self.model, cfg.seq_len)  # LoRA: 4x, not 6x, the frozen base
         # the expert part of flops_per_token: what a dropped assignment does not cost
         self.expert_flops_per_token = (4 if cfg.peft else 6) * expert_params(self.model)
@@ -173,6 +208,18 @@ class Trainer:
         n_train = sum(t.numel() for t, trained in local if trained)
         self.log(f"parallel: world {self.ps.world} = dp {self.ps.dp} x ep {self.ps.ep}"
                  + ("" if self.ps.ep_inside else " (EP groups strided across nodes, dp groups consecutive ranks)"))
+        self._log_sharding()
+        self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
+                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
+                 f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
+                 f"({'given' if cfg.peak_tflops else 'best measured matmul'})"
+                 + (", freed CPU memory kept for reuse" if self.retained_memory else ""))
+        if self.ps.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(self.out / "train_config.json", dump_config(cfg))
+
+    def _log_sharding(self) -> None:
+        cfg = self.cfg
         layout = Layout(self.ps.world, self.ps.ep, cfg.fsdp, cfg.fsdp_experts)
         if layout.hybrid:
             self.log(f"fsdp: hybrid sharding (HSDP): non-expert parameters sharded over groups of {cfg.fsdp} "
@@ -184,14 +231,6 @@ class Trainer:
                      f"{self.ps.ep}, " + (f"sharded over dp {self.ps.dp} (FSDP2, gradients reduced over dp, "
                                           f"divided by world)" if layout.experts_fsdp_sharded
                                           else "replicated over dp"))
-        self.log(f"model: {n_params / 1e6:.2f}M parameters on this rank ({n_train / 1e6:.2f}M trained), "
-                 f"{self.flops_per_token / 1e6:.1f} MFLOP/token, device {self.device}, "
-                 f"compute {str(self.amp_dtype).replace('torch.', '')}, peak {peak / 1e12:.3f} TFLOP/s "
-                 f"({'given' if cfg.peak_tflops else 'best measured matmul'})"
-                 + (", freed CPU memory kept for reuse" if self.retained_memory else ""))
-        if self.ps.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(self.out / "train_config.json", dump_config(cfg))
 
     def _build_model(self):
         from .. import OpenMoeForCausalLM
@@ -339,47 +378,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _eval_batches(self) -> dict[str, list[dict]]:
-        """The first eval_batches global batches of every eval source (drawn once, then reused:
-        every evaluation scores the same rows)."""
-        if self._eval_cache is None:
-            mc, cfg = self.model.config, self.cfg
-            self._eval_cache = {}
-            for src in self.eval_sources:
-                mix = PackedMixture([src], self.tokenizer.encode, cfg.seq_len, cfg.batch_size * self.ps.world,
-                                    cfg.seed, bos_id=mc.bos_token_id, eos_id=mc.eos_token_id)
-                try:
-                    self._eval_cache[src.name] = [mix.next_batch() for _ in range(cfg.eval_batches)]
-                finally:
-                    mix.close()
+        if self._eval_cache is None:  # drawn once: every evaluation scores the same rows
+            mc = self.model.config
+            self._eval_cache = draw_eval_batches(self.eval_sources, self.tokenizer.encode, self.cfg,
+                                                 self.cfg.batch_size * self.ps.world, mc.bos_token_id,
+                                                 mc.eos_token_id)
         return self._eval_cache
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Per eval source: `eval/<name>/loss`, the mean next-token cross-entropy over every target
-        token of its eval batches (the model in eval mode), and `eval/<name>/ppl` = exp(loss)."""
-        was_training = self.model.training
-        self.model.eval()
+        """Per eval source: loss and perplexity over its fixed eval batches (training/evaluation.py)."""
         bs, r = self.cfg.batch_size, self.ps.rank
-        res = {}
-        try:
-            for name, batches in self._eval_batches().items():
-                total = count = 0.0
-                for gb in batches:
-                    b = {k: v[r * bs:(r + 1) * bs].to(self.device) for k, v in gb.items()}
-                    n = int((b["labels"][:, 1:] != IGNORE).sum())
-                    with torch.autocast(self.device, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-                        out = self.model(input_ids=b["input_ids"], position_ids=b["position_ids"],
-                                         labels=b["labels"], use_cache=False)
-                    if n:
-                        total += float(out.lm_loss) * n
-                        count += n
-                total, count = self._all_sum([total, count])
-                loss = total / max(count, 1.0)
-                res[f"eval/{name}/loss"] = loss
-                res[f"eval/{name}/ppl"] = math.exp(min(loss, 700.0))
-        finally:
-            self.model.train(was_training)
-        return res
+        return evaluate(self.model, self._eval_batches(), slice(r * bs, (r + 1) * bs), self.device,
+                        self.amp_dtype, self._all_sum)
 
     def _log_eval(self, res: dict, sink) -> None:
         if sink is not None:
@@ -441,26 +451,8 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{m['loss']:.3f}", lm=f"{m['lm_loss']:.3f}")
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps or self.step == 1:
-                    dt = time.perf_counter() - t_last
-                    tps = tokens_since / dt
-                    self._check_peak(flops_since / dt / self.ps.world)
-                    n = window.pop("n")
-                    # losses are means over the steps since the last line (the logged step included)
-                    rec = {"step": self.step, **{k: v / n for k, v in window.items()}, "lr": lr,
-                           "tokens_per_s": tps,
-                           "mfu": flops_since / dt / (self.peak_flops * self.ps.world)}
+                    self._log_window(window, m, lr, tokens_since, flops_since, time.perf_counter() - t_last, sink)
                     window = {}
-                    for k in ("expert_load_max_over_mean", "kept_load_max_over_mean", "drop_rate",
-                              "tokens_per_expert", "routed_per_expert"):
-                        if k in m:
-                            rec[k] = m[k]
-                    if sink is not None:
-                        sink.write(rec)
-                    self.log(f"step {self.step} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
-                             f"aux {rec['aux_loss']:.4f} | z {rec['router_z_loss']:.4f} | lr {lr:.2e} | "
-                             f"gnorm {rec['grad_norm']:.2f} | tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | "
-                             f"load max/mean routed {rec.get('expert_load_max_over_mean')} kept "
-                             f"{rec.get('kept_load_max_over_mean')} | drop {rec.get('drop_rate')}")
                     t_last, tokens_since, flops_since = time.perf_counter(), 0, 0.0
                 if cfg.eval_every and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
                     t_eval = time.perf_counter()
@@ -479,6 +471,26 @@ class Trainer:
             if sink is not None:
                 sink.close()
         return self.export() if cfg.export_final else None
+
+    def _log_window(self, window: dict, m: dict, lr: float, tokens: int, flops: float, dt: float, sink) -> None:
+        """One log line and metrics.jsonl record for the steps since the last one: losses are
+        means over those steps (the logged step included), expert load is the logged step's."""
+        tps = tokens / dt
+        self._check_peak(flops / dt / self.ps.world)
+        n = window.pop("n")
+        rec = {"step": self.step, **{k: v / n for k, v in window.items()}, "lr": lr, "tokens_per_s": tps,
+               "mfu": flops / dt / (self.peak_flops * self.ps.world)}
+        for k in ("expert_load_max_over_mean", "kept_load_max_over_mean", "drop_rate",
+                  "tokens_per_expert", "routed_per_expert"):
+            if k in m:
+                rec[k] = m[k]
+        if sink is not None:
+            sink.write(rec)
+        self.log(f"step {self.step} | loss {rec['loss']:.4f} | lm {rec['lm_loss']:.4f} | "
+                 f"aux {rec['aux_loss']:.4f} | z {rec['router_z_loss']:.4f} | lr {lr:.2e} | "
+                 f"gnorm {rec['grad_norm']:.2f} | tok/s {tps:.0f} | MFU {100 * rec['mfu']:.1f}% | "
+                 f"load max/mean routed {rec.get('expert_load_max_over_mean')} kept "
+                 f"{rec.get('kept_load_max_over_mean')} | drop {rec.get('drop_rate')}")
 
     def export(self) -> Path:
         """The final HF folder (weights, config, modeling code, tokenizer), written atomically."""

@@ -207,3 +207,27 @@ def test_worker_tokenization_resumes_exactly_across_worker_counts(corpus):
         assert _same(x, w1.next_batch())
     assert w1.streams[0].epoch >= 1
     w1.close()
+
+
+@pytest.mark.timeout(120)
+def test_a_dead_tokenizer_worker_is_an_error_not_a_hang(corpus):
+    # multiprocessing.Pool lost the chunk a killed worker held and waited forever (seen once in a
+    # full run); the stream must say what happened in one line instead
+    import multiprocessing as mp
+    import signal
+
+    from openmoe.data.workers import TokenizingStream
+
+    d, model, _ = corpus
+    tok = TextTokenizer(model)
+    s = TokenizingStream(SourceConfig(name="rp", path=str(d / "rp.jsonl"), workers=1), tok.encode, chunk=4)
+    before = {p.pid for p in mp.active_children()}
+    s.next()
+    workers = {p.pid for p in mp.active_children()} - before
+    assert len(workers) == 1
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    with pytest.raises(DataError, match="rp.*tokenizer worker process died.*workers"):
+        for _ in range(10_000):  # what was read ahead before the kill comes out first
+            s.next()
+    s.close()

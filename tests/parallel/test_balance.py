@@ -68,17 +68,13 @@ def _train_worker(rank, port, out, balance, optimizer):
 
     import torch.distributed as dist
 
-    from helpers import tiny_config
-    from openmoe import OpenMoeForCausalLM
-    from openmoe.parallel import build_state, clip_grad_norm, parallelize, sync_gradients
+    from helpers import join_gloo, seeded_ep_model
+    from openmoe.parallel import build_state, clip_grad_norm, sync_gradients
     from openmoe.parallel.balance import ExpertBalancer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_gloo(rank, port, 2)
     ps = build_state(2)
-    torch.manual_seed(0)
-    cfg = tiny_config(capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
-    model = parallelize(OpenMoeForCausalLM(cfg).train(), ps)
+    cfg, model = seeded_ep_model(ps, capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
     opt = getattr(torch.optim, optimizer)(model.parameters(), lr=1e-2)
     bal = ExpertBalancer(model, opt, ps, every=2)
     g = torch.Generator().manual_seed(7)

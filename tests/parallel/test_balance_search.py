@@ -111,17 +111,13 @@ def _train_worker(rank, port, out, swap):
     import torch.distributed as dist
 
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from helpers import tiny_config
-    from openmoe import OpenMoeForCausalLM
-    from openmoe.parallel import build_state, parallelize, sync_gradients
+    from helpers import join_gloo, seeded_ep_model
+    from openmoe.parallel import build_state, sync_gradients
     from openmoe.parallel.balance import ExpertBalancer
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    join_gloo(rank, port, 2)
     ps = build_state(2)
-    torch.manual_seed(0)
-    cfg = tiny_config(capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
-    model = parallelize(OpenMoeForCausalLM(cfg).train(), ps)
+    cfg, model = seeded_ep_model(ps, capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     bal = ExpertBalancer(model, opt, ps, every=2 if swap else 0, search=SwapSearch(tolerance=0.0))
     g = torch.Generator().manual_seed(7)

@@ -17,24 +17,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _worker(rank, world, port, out_dir):
     sys.path.insert(0, os.path.dirname(HERE))
-    import copy
-
     import torch.distributed as dist
 
-    from helpers import compare_and_step, tiny_config
-    from openmoe import OpenMoeForCausalLM
-    from openmoe.parallel import build_state, parallelize
+    from helpers import compare_and_step, join_gloo, seeded_twins, tiny_config
+    from openmoe.parallel import build_state
     from openmoe.parallel.fsdp import global_expert
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_gloo(rank, port, world)
     res = {}
     for ep_inside in (True, False):
         ps = build_state(2, ep_inside=ep_inside)
-        torch.manual_seed(0)
         cfg = tiny_config(capacity_policy="dropless", num_experts=4)
-        ref = OpenMoeForCausalLM(cfg).train()
-        model = parallelize(copy.deepcopy(ref), ps, fsdp=True)
+        ref, model = seeded_twins(cfg, ps, fsdp=True)
         g = torch.Generator().manual_seed(123)
         batches = [torch.randint(2, cfg.vocab_size, (2, 12), generator=g) for _ in range(world)]
         opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)

@@ -24,21 +24,17 @@ def _worker(rank, world, ep, port, out_dir, steps):
 
     import torch.distributed as dist
 
-    from helpers import compare_and_step, tiny_config
-    from openmoe import OpenMoeForCausalLM
+    from helpers import compare_and_step, join_gloo, seeded_twins, tiny_config
     from openmoe.parallel import build_state, is_expert, parallelize, sync_gradients
     from openmoe.parallel.balance import ExpertBalancer
     from openmoe.parallel.fsdp import global_expert
     from openmoe.training import checkpoint as ckpt
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    join_gloo(rank, port, world)
     ps = build_state(ep)
-    torch.manual_seed(0)
     E = 6
     cfg = tiny_config(capacity_policy="dropless", num_experts=E)
-    ref = OpenMoeForCausalLM(cfg).train()
-    model = parallelize(copy.deepcopy(ref), ps, fsdp=True)
+    ref, model = seeded_twins(cfg, ps, fsdp=True)
     g = torch.Generator().manual_seed(123)
     batches = [torch.randint(2, cfg.vocab_size, (2, 12), generator=g) for _ in range(world)]
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)

@@ -33,3 +33,17 @@ def test_mfu_is_per_device():
     # 2 ranks together at 1000 tokens/s x 1 GFLOP/token = 1 TFLOP/s over 2 x 1 TFLOP/s of peak
     assert mfu(1000, 1e9, 1e12, world=2) == pytest.approx(0.5)
     assert mfu(1000, 1e9, 1e12) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("targets", [("experts",), ("router",), ("router", "experts")])
+def test_expert_params_unchanged_by_lora_wrappers(tiny, targets):
+    # by hand: 2 MoE layers x top-2 x one expert's wi_gate, wi_up and wo (the experts' part of MOE)
+    from openmoe.peft.lora import LoraSpec, attach_lora
+    from openmoe.training.metrics import expert_params
+
+    m = OpenMoeForCausalLM(tiny())
+    assert expert_params(m) == 2 * 2 * DENSE_MLP
+    attach_lora(m, LoraSpec(rank=2, targets=targets))
+    lora = sum(p.numel() for n, p in m.named_parameters() if ".lora_" in n and ".experts" in n)
+    # the frozen stacks are counted wherever PEFT moved them; experts' adapters are over all E
+    assert expert_params(m) == 2 * 2 * DENSE_MLP + lora * 2 // 4
