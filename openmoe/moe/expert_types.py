@@ -84,11 +84,13 @@ class StackedExperts(nn.Module):
         raise NotImplementedError
 
     def _matrices(self) -> list[torch.Tensor]:
-        return [getattr(self, n) for n in self.stacked if getattr(self, n).dim() == 3]
+        stacks = (getattr(self, n) for n in self.stacked)
+        return [w for w in stacks if w.dim() == 3]
 
     def forward(self, x_NH: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        dt = compute_dtype(x_NH, self._matrices()[0])
-        name = choose_kernel(self.implementation, x_NH, self._matrices(), dt)
+        mats = self._matrices()
+        dt = compute_dtype(x_NH, mats[0])
+        name = choose_kernel(self.implementation, x_NH, mats, dt)
         if name not in EXPERT_BACKENDS:  # set after construction to a name never registered
             check_implementation(name)
         return EXPERT_BACKENDS[name](self, x_NH, counts_E)
