@@ -30,12 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from .errors import DataError
+
 JSON_EXT = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst")  # .zst (SlimPajama): needs zstandard
 PARQUET_EXT = (".parquet",)
-
-
-class DataError(ValueError):
-    """A data source that cannot be used: names the source and the file or column."""
 
 
 @dataclass

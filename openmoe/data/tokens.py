@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .sources import DataError
+from .errors import DataError
 
 FORMAT = "openmoe-tokens"
 INDEX = "index.json"

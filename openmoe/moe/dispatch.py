@@ -54,6 +54,10 @@ def max_kept_rows(routing: Routing, num_experts: int) -> int:
 class LocalDispatcher:
     """All experts on this process: a stable sort by expert id (dropped assignments last)."""
 
+    # True for a dispatcher whose experts are split over a process group (parallel/expert_parallel.py):
+    # what parallel/layers.py asks, so the scan does not import the dispatcher's module
+    splits_experts = False
+
     def plan(self, routing: Routing, num_experts: int) -> DispatchPlan:
         T, K = routing.expert_TK.shape
         expert_S = routing.expert_TK.reshape(-1)

@@ -51,6 +51,8 @@ class AllToAllDispatcher(LocalDispatcher):
     `placement[e]` is the slot of logical expert e (identity until the balancer moves experts).
     Routing stays in logical ids: only where an expert's weights live changes."""
 
+    splits_experts = True
+
     def __init__(self, group: dist.ProcessGroup, num_experts: int, layout: str = "ep"):
         self.group = group
         self.ep = dist.get_world_size(group)

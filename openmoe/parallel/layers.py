@@ -15,7 +15,6 @@ def moe_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
 
 
 def expert_parallel_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The MoE layers whose experts are split over an EP group (an AllToAllDispatcher)."""
-    from .expert_parallel import AllToAllDispatcher
-
-    return [(n, m) for n, m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
+    """The MoE layers whose experts are split over an EP group (their dispatcher says so:
+    AllToAllDispatcher.splits_experts)."""
+    return [(n, m) for n, m in moe_layers(model) if getattr(m.dispatcher, "splits_experts", False)]
