@@ -194,6 +194,18 @@ def latest(root: str | Path, ps: ParallelState | None = None) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+def _factored_state(p, shape: tuple, dtype):
+    """Zeros laid out as training/adafactor.py makes a factored statistic of the FSDP2 parameter
+    p: sharded like p, except along a dim the statistic averages over (size 1), which is
+    replicated."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    placements = [Replicate() if isinstance(pl, Shard) and shape[pl.dim] != p.shape[pl.dim] else pl
+                  for pl in p.placements]
+    return dtensor_zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
+
+
 def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple[dict, dict]:
     """Optimizer state is created lazily by torch; build empty tensors of the right local shape
     for every entry the checkpoint has, so DCP can fill them. Returns (what DCP loads into,
@@ -219,9 +231,10 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple
         local_shape = (p.shape[0], *shape[1:]) if p.dim() > 0 else shape
         per_expert = (is_expert(p) and len(shape) == p.dim() > 0 and shape[0] == _global_shape(p, ps)[0]
                       and is_expert_state(p, torch.empty(local_shape, device="meta")))
-        if per_expert and is_sharded(p):  # not p's shape: Adafactor's factors, which FSDP2 cannot run
-            raise ValueError(f"checkpoint {path}: {key} is a factored state of an FSDP-sharded expert "
-                             f"(torch's Adafactor does not run on FSDP2 parameters)")
+        if is_sharded(p) and len(shape) == p.dim():  # Adafactor's factored statistics of an FSDP2 parameter
+            keep[key] = _factored_state(p, local_shape if per_expert else shape, dtype)
+            out[key] = _global(keep[key], per_expert, ps)
+            continue
         local = torch.empty(local_shape if per_expert else shape, dtype=dtype, device=p.device)
         out[key] = _global(local, per_expert, ps)
     return out, keep

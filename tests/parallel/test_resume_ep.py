@@ -62,3 +62,31 @@ def test_balanced_ep2_checkpoint_resumes_at_ep_1_2_4(run_setup, optimizer):
             got = AutoModelForCausalLM.from_pretrained(f).eval()(ids).logits
             # ep 2 is the same computation; other eps only sum in another order
             torch.testing.assert_close(got, want, rtol=0, atol=2e-5, msg=lambda m: f"ep {ep}: {m}")
+
+
+def test_adafactor_under_fsdp_equals_one_process_and_resumes_at_any_layout(run_setup):
+    """Adafactor on FSDP2 parameters (torch's refuses DTensors) with experts sharded over dp at
+    ep 2 and rebalanced: the losses equal one process (each expert is scaled by its own RMS, so
+    where it lives does not matter), and its checkpoint (factored statistics as sharded or
+    replicated DTensors) resumes in one process and at fsdp 2 with the same next losses."""
+    out = arg(run_setup, "--out_dir")
+    common = run_setup + ["--model_overrides.capacity_policy", "dropless", "--model_overrides.num_experts", "8",
+                          "--optimizer", "adafactor", "--steps", "4", "--warmup_steps", "0", "--schedule", "constant", "--save_every", "2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OPENMOE_NO_TQDM="1", OMP_NUM_THREADS="1")
+
+    def losses(o):
+        return [r["lm_loss"] for r in read_metrics(o) if "lm_loss" in r]
+
+    run_train(common + ["--batch_size", "4", "--out_dir", out + "_one"], env)
+    r = run_train(common + ["--ep", "2", "--fsdp", "4", "--balance_every", "2", "--batch_size", "1",
+                            "--out_dir", out + "_a"], env, nproc=4)
+    assert "expert placement" in r.stdout  # rebalanced at step 2, before the save
+    ref = losses(out + "_one")
+    assert losses(out + "_a") == pytest.approx(ref, rel=1e-5)
+    step2 = Path(out + "_a") / "checkpoints" / "step_00000002"
+    for name, extra, nproc, bs in (("one", [], None, 4), ("fsdp2", ["--fsdp", "2"], 2, 2)):
+        o = f"{out}_{name}_resumed"
+        (Path(o) / "checkpoints").mkdir(parents=True)
+        shutil.copytree(step2, Path(o) / "checkpoints" / step2.name)
+        run_train(common + extra + ["--batch_size", str(bs), "--out_dir", o, "--resume"], env, nproc=nproc)
+        assert losses(o) == pytest.approx(ref[2:], rel=1e-5), name
