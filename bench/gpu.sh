@@ -6,7 +6,7 @@
 #
 # On a lent machine (see ../shared/gpu/README.md): fetch the missing wheels here first
 # (../shared/gpu/fetch-wheels), carry ".whl", and run `bash bench/gpu.sh`; the script installs them.
-# Every step has its own time limit (645 s at most in all: pick steps with ONLY= to fit a budget; the one H200 run so far, without the last
+# Every step has its own time limit (765 s at most in all: pick steps with ONLY= to fit a budget; the one H200 run so far, without the last
 # two steps and the train.py test, took 286 s), so a step that hangs or fails costs only its own slot. Figures go to docs/benchmarks.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -50,6 +50,9 @@ step train-step-base 60 $PY bench/train_step.py --preset base --seq 2048 --batch
 # decode: eager vs static cache vs compiled step (CUDA graphs), batch 1 and 8, first call vs steady
 step decode 120 $PY bench/decode.py --device cuda --configs base,8b --modes eager,compiled --batches 1,8 \
   --new-tokens 32 --no-mixtral
+# serving: 16 requests in turn vs at once through `openmoe.serve --continuous-batching`, random 8B bf16
+# (needs the serving extra's wheels: fastapi, uvicorn, openai; most of the limit is saving and loading 18.6 GB)
+step serve 120 $PY bench/serve.py --device cuda --config 8b --batching on --requests 16 --max-tokens 32
 # LoRA fine-tuning step at 8B widths (docs/finetune-8b.md)
 step finetune-8b 45 $PY bench/finetune.py --gpu-8b
 echo -e "\n===== done in $(( $(date +%s) - t0 ))s =====" | tee -a "$LOG"

@@ -6,6 +6,7 @@ The server runs in a subprocess whose model is forced (by the launcher below, no
 to continue any text with ` the</s>` over and over, so the stop is observable."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -192,3 +193,24 @@ def test_check_request_by_hand():
     assert _check(comp, {"prompt": "x", "max_tokens": True})[0] == 400
     assert _check(comp, {"prompt": 3})[0] == 400 and _check(comp, {})[0] == 400
     assert _check(comp, {"prompt": ["a", "b"], "max_completion_tokens": 5}) is None
+
+
+# -- bench/serve.py must not rot: one run at the tiniest shape ---------------------------------------
+
+def test_bench_serve_smoke():
+    """The bench's server with --continuous-batching (the one with the extra flags; the plain server is the
+    fixture's above) starts, answers 2 requests in turn and at once, and is gone afterwards; the table has a
+    row of positive rates. Only that server and one thread, to keep this near 10 s on the shared 2 cores
+    (9 s; 25 s at load average 7)."""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "bench" / "serve.py"), "--config", "tiny", "--requests", "2",
+                        "--max-tokens", "2", "--prompt-tokens", "8", "--device", "cpu", "--batching", "on",
+                        "--threads", "1", "--startup-timeout", "120"],
+                       capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith("| on |")]
+    assert len(rows) == 1, r.stdout[-2000:]
+    seq, conc = float(rows[0][2]), float(rows[0][3])
+    assert seq > 0 and conc > 0
+    ports = re.findall(r"up at http://127\.0\.0\.1:(\d+)", r.stdout)
+    assert len(ports) == 1 and not _health(f"http://127.0.0.1:{ports[0]}")  # the server was stopped
