@@ -6,7 +6,7 @@
 #
 # On a lent machine (see ../shared/gpu/README.md): fetch the missing wheels here first
 # (../shared/gpu/fetch-wheels), carry ".whl", and run `bash bench/gpu.sh`; the script installs them.
-# Every step has its own time limit (645 s at most in all: pick steps with ONLY= to fit a budget; the one H200 run so far, without the last
+# Every step has its own time limit (765 s at most in all: pick steps with ONLY= to fit a budget; the one H200 run so far, without the last
 # two steps and the train.py test, took 286 s), so a step that hangs or fails costs only its own slot. Figures go to docs/benchmarks.md by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,4 +52,9 @@ step decode 120 $PY bench/decode.py --device cuda --configs base,8b --modes eage
   --new-tokens 32 --no-mixtral
 # LoRA fine-tuning step at 8B widths (docs/finetune-8b.md)
 step finetune-8b 45 $PY bench/finetune.py --gpu-8b
+# EP exchange over NCCL: plain vs chunked overlap vs hierarchical (4 GPUs as 2 "nodes" x 2, which
+# on one NVLink node shows the cost of the extra stage, not an inter-node gain); needs a GPU per rank
+step a2a 120 bash -c "n=\$(nvidia-smi -L | wc -l); if [ \$n -lt 2 ]; then echo \"a2a: \$n GPU(s), needs >= 2: skipped\"; exit 0; fi; \
+  r=2; [ \$n -ge 4 ] && r=2,4; $PY bench/distributed.py --exchange --ranks \$r --tokens 8192 --hidden 2048 \
+  --intermediate 4096 --experts 16 --steps 5"
 echo -e "\n===== done in $(( $(date +%s) - t0 ))s =====" | tee -a "$LOG"
