@@ -193,6 +193,7 @@ def exchange_main(args) -> None:
           f"{args.tokens} tokens per rank, forward + backward, median of {args.steps}, slowest rank\n")
     print("| ranks | backend | variant | s/iter | vs plain |")
     print("|---|---|---|---|---|")
+    load0 = _load()
     for n in [int(x) for x in (args.ranks or "2,4").split(",")]:
         out = tempfile.mktemp(suffix=".json")
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), __file__,
@@ -207,6 +208,12 @@ def exchange_main(args) -> None:
         plain = res["times"]["plain"]
         for name, t in res["times"].items():
             print(f"| {n} | {res['backend']} | {name} | {t:.3f} | {t / plain:.2f}x |", flush=True)
+    # a shared machine: the load around the launches says how much the figures can be trusted
+    print(f"\nload average (1, 5, 15 min) before: {load0}, after: {_load()}")
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def hf_worker(args) -> None:

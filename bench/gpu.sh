@@ -55,4 +55,9 @@ step decode 120 $PY bench/decode.py --device cuda --configs base,8b --modes eage
 step serve 120 $PY bench/serve.py --device cuda --config 8b --batching on --requests 16 --max-tokens 32
 # LoRA fine-tuning step at 8B widths (docs/finetune-8b.md)
 step finetune-8b 45 $PY bench/finetune.py --gpu-8b
+# EP exchange over NCCL: plain vs chunked overlap vs hierarchical (4 GPUs as 2 "nodes" x 2, which
+# on one NVLink node shows the cost of the extra stage, not an inter-node gain); needs a GPU per rank
+step a2a 120 bash -c "n=\$(nvidia-smi -L | wc -l); if [ \$n -lt 2 ]; then echo \"a2a: \$n GPU(s), needs >= 2: skipped\"; exit 0; fi; \
+  r=2; [ \$n -ge 4 ] && r=2,4; $PY bench/distributed.py --exchange --ranks \$r --tokens 8192 --hidden 2048 \
+  --intermediate 4096 --experts 16 --steps 5"
 echo -e "\n===== done in $(( $(date +%s) - t0 ))s =====" | tee -a "$LOG"

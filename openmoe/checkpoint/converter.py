@@ -139,8 +139,9 @@ def convert(checkpoint: str | os.PathLike, output: str | os.PathLike, *,
         shards = plan_shards([it.spec for it in items], shard_bytes)
         log(f"{ckpt.file}: {len(items)} parameters, config {how}; writing {len(shards)} shard(s) of "
             f"{dtype} to {output}")
-        with output_folder(output, fsync=fsync) as tmp:
-            _stream(ckpt, items, ShardWriter(tmp, shards, fsync=fsync), workers, progress)
+        digests: dict[str, str] = {}  # each shard's sha256, hashed while written: for the manifest
+        with output_folder(output, fsync=fsync, digests=digests) as tmp:
+            _stream(ckpt, items, ShardWriter(tmp, shards, fsync=fsync, digests=digests), workers, progress)
             write_metadata(tmp, cfg, out_dtype)
             if tok is not None:
                 tok.model_max_length = cfg.max_position_embeddings

@@ -9,18 +9,24 @@ ever held in memory, and no tensor is, unless its regions are not whole rows.
 `output_folder` yields a temporary sibling of the output folder and renames it to the final
 name only when everything in it is written and synced, so a failure or an interrupt leaves no
 output behind, never a half-written one.
+
+The manifest's sha256 of each shard is computed while the shards are written (ShardWriter with
+`digests`): every byte range, once final, is read back from the page cache and hashed in one
+background thread, so the manifest needs no second pass over the output at the end.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import math
 import mmap
 import os
 import struct
 from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,15 +152,71 @@ def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
         view, offset = view[n:], offset + n
 
 
+class _ShardHasher:
+    """sha256 of files whose byte ranges become final front to back (a shard: its header, then
+    each tensor in order). Each range is hashed in one background thread right after it is
+    final, read back from the page cache where it was just written (regions arrive in any order
+    inside a tensor, so bytes are hashed from the file, never from what was passed to write),
+    while the writer goes on: hashlib and file reads release the GIL. Then the range's
+    writeback is started (_start_writeback: after the hash, so that no page is dropped before
+    it was read)."""
+
+    _READ = 1 << 20
+
+    def __init__(self):
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="shard-sha256")
+        self._jobs: list[Future] = []
+        self._state: dict[Path, tuple] = {}  # path -> (sha256, bytes hashed); the worker's only
+
+    def add(self, path: Path, start: int, length: int) -> None:
+        self._jobs.append(self._pool.submit(self._hash, path, start, length))
+
+    def _hash(self, path: Path, start: int, length: int) -> None:
+        h, done = self._state.get(path) or (hashlib.sha256(), 0)
+        if start != done:
+            raise RuntimeError(f"_ShardHasher: {path.name} range at {start}, expected {done} (out of order)")
+        buf = memoryview(bytearray(min(self._READ, max(1, length))))
+        with open(path, "rb", buffering=0) as f:
+            f.seek(start)
+            left = length
+            while left:
+                n = f.readinto(buf[:min(len(buf), left)])
+                if not n:
+                    raise RuntimeError(f"_ShardHasher: {path.name} ends before byte {start + length}")
+                h.update(buf[:n])
+                left -= n
+            _start_writeback(f.fileno(), start, length)
+        self._state[path] = (h, start + length)
+
+    def result(self) -> dict[str, str]:
+        """File name -> sha256, once every range is hashed; each file must be hashed whole."""
+        for job in self._jobs:
+            job.result()
+        out = {}
+        for path, (h, done) in self._state.items():
+            if done != path.stat().st_size:
+                raise RuntimeError(f"_ShardHasher: {path.name} hashed {done} of {path.stat().st_size} bytes")
+            out[path.name] = h.hexdigest()
+        return out
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class ShardWriter:
     """Writes planned shards in order, one file at a time. Each tensor must be the next one of
     the plan: `write(name, blocks)` appends its blocks, or `with tensor(name) as slot:` writes
-    its regions in any order (TensorSlot). `finish()` writes the index once every tensor is in."""
+    its regions in any order (TensorSlot). `finish()` writes the index once every tensor is in,
+    and, given a `digests` dict, puts each shard's sha256 in it (shard file name -> hex digest),
+    computed while writing (_ShardHasher) for the manifest (output_folder's `digests`)."""
 
-    def __init__(self, folder: str | os.PathLike, shards: list[list[TensorSpec]], fsync: bool = True):
+    def __init__(self, folder: str | os.PathLike, shards: list[list[TensorSpec]], fsync: bool = True,
+                 digests: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.shards = shards
         self.fsync = fsync
+        self.digests = digests
+        self._hasher = _ShardHasher() if digests is not None else None
         self._queue = [(si, t) for si, shard in enumerate(shards) for t in shard]
         self._next = 0
         self._fd: int | None = None
@@ -184,7 +246,10 @@ class ShardWriter:
         if slot.written != spec.nbytes:
             raise RuntimeError(f"ShardWriter: {name} got {slot.written} bytes, planned {spec.nbytes}")
         self.weight_map[name] = shard_name(si, len(self.shards))
-        self._start_writeback(slot)
+        if self._hasher is not None:  # hashed, then its writeback started, in the hasher's thread
+            self._hasher.add(self._path(si), slot.offset, spec.nbytes)
+        else:
+            _start_writeback(self._fd, slot.offset, spec.nbytes)
         self._next += 1
         if self._next == len(self._queue) or self._queue[self._next][0] != si:
             self._close_file()
@@ -195,18 +260,14 @@ class ShardWriter:
         for t in self.shards[si]:
             self._offsets[t.name] = offset
             offset += t.nbytes
-        self._fd = os.open(self.folder / shard_name(si, len(self.shards)), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._fd = os.open(self._path(si), os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
         _allocate(self._fd, offset)
         _pwrite_all(self._fd, np.frombuffer(header, np.uint8), 0)
+        if self._hasher is not None:
+            self._hasher.add(self._path(si), 0, len(header))
 
-    def _start_writeback(self, slot: TensorSlot) -> None:
-        """Start writing the finished tensor's dirty pages to disk now instead of all at the
-        shard's fsync, so the final sync is short. Only its own range: dirty pages are not
-        dropped, so the pages stay cached for the manifest's hash that follows, where
-        DONTNEED on the whole file would drop every page already written back and make the
-        manifest read the whole output from disk again."""
-        if hasattr(os, "posix_fadvise") and slot.spec.nbytes:
-            os.posix_fadvise(self._fd, slot.offset, slot.spec.nbytes, os.POSIX_FADV_DONTNEED)
+    def _path(self, si: int) -> Path:
+        return self.folder / shard_name(si, len(self.shards))
 
     def _close_file(self) -> None:
         if self.fsync:
@@ -220,11 +281,24 @@ class ShardWriter:
         total = sum(t.nbytes for shard in self.shards for t in shard)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(self.weight_map.items()))}
         (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+        if self._hasher is not None:
+            self.digests.update(self._hasher.result())
 
     def abort(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+        if self._hasher is not None:
+            self._hasher.close()
+
+
+def _start_writeback(fd: int, offset: int, nbytes: int) -> None:
+    """Start writing a finished tensor's dirty pages to disk now instead of all at the shard's
+    fsync, so the final sync is short. Only its own range: dirty pages are not dropped, so the
+    pages stay cached for a hash that reads them later, where DONTNEED on the whole file would
+    drop every page already written back and make that hash read the output from disk again."""
+    if hasattr(os, "posix_fadvise") and nbytes:
+        os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
 
 
 def _allocate(fd: int, size: int) -> None:
@@ -247,15 +321,21 @@ def check_output_free(out: Path) -> None:
 
 
 @contextlib.contextmanager
-def output_folder(out: str | os.PathLike, fsync: bool = True) -> Iterator[Path]:
+def output_folder(out: str | os.PathLike, fsync: bool = True, digests: dict[str, str] | None = None
+                  ) -> Iterator[Path]:
     """Yield a temporary folder beside `out` (same filesystem, so the rename is atomic);
     write its manifest.json and rename it to `out` on success, delete it on any error or
     interrupt (SIGTERM too, under utils.cli.install_signal_handlers). Stale temporary folders
-    of dead processes are removed first (utils/atomic.py)."""
+    of dead processes are removed first (utils/atomic.py). `digests` (file name -> sha256, filled
+    by a ShardWriter given the same dict) go into the manifest instead of reading those files
+    again."""
     from ..utils.atomic import atomic_folder
+    from ..utils.manifest import write_manifest
 
     out = Path(out).absolute()
     check_output_free(out)
-    with atomic_folder(out, fsync=fsync, replace=False) as tmp:  # replaces an empty folder only
+    # replaces an empty folder only; the manifest is written here, once the digests are known
+    with atomic_folder(out, manifest=False, fsync=fsync, replace=False) as tmp:
         yield tmp
         check_output_free(out)  # nothing appeared there meanwhile
+        write_manifest(tmp, known=digests)

@@ -38,11 +38,16 @@ def _files(folder: Path) -> list[Path]:
                   and not any(part.startswith(".tmp") or ".tmp-" in part for part in p.relative_to(folder).parts))
 
 
-def write_manifest(folder: str | os.PathLike) -> Path:
-    """Hash every file under `folder` (but the manifest itself) into folder/manifest.json."""
+def write_manifest(folder: str | os.PathLike, known: dict[str, str] | None = None) -> Path:
+    """Hash every file under `folder` (but the manifest itself) into folder/manifest.json.
+    `known`: relative path -> sha256 of files the writer already hashed from their final bytes
+    (the converter's shards, hashed as they are written); those are not read again."""
     folder = Path(folder)
-    files = {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "size": p.stat().st_size}
-             for p in _files(folder)}
+    known = known or {}
+    files = {}
+    for p in _files(folder):
+        rel = p.relative_to(folder).as_posix()
+        files[rel] = {"sha256": known.get(rel) or sha256_file(p), "size": p.stat().st_size}
     out = folder / MANIFEST
     tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:

@@ -126,3 +126,40 @@ def test_tensor_refuses_a_missing_region(tmp_path):
         with w.tensor("m") as slot:
             slot.write((slice(0, 2), slice(0, 2)), torch.zeros(2, 2).numpy())
     w.abort()
+
+
+def test_digests_are_each_shards_sha256_hashed_while_writing(tmp_path, monkeypatch):
+    """ShardWriter(digests=...) gives the sha256 of each shard's final bytes (regions written out
+    of order, through pwrite and the mmap), and output_folder puts them in the manifest without
+    reading those files again: only the other files are hashed at the end."""
+    import hashlib
+
+    import openmoe.utils.manifest as manifest
+
+    g = torch.Generator().manual_seed(2)
+    tensors = {"m": torch.randn(7, 5, generator=g), "e": torch.randn(3, 4, 6, generator=g),
+               "z": torch.zeros(0, 3), "b": torch.randn(5, 3, generator=g).to(torch.bfloat16)}
+    regions = {"m": [(slice(3, 7), slice(0, 5)), (slice(0, 3), slice(2, 5)), (slice(0, 3), slice(0, 2))],
+               "e": [(slice(0, 3), slice(2, 4), slice(0, 6)), (slice(0, 3), slice(0, 2), slice(0, 6))],
+               "z": [], "b": [(slice(0, 5), slice(1, 3)), (slice(0, 5), slice(0, 1))]}
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    read = []
+    real = manifest.sha256_file
+    monkeypatch.setattr(manifest, "sha256_file", lambda p: read.append(os.path.basename(p)) or real(p))
+    digests: dict = {}
+    with output_folder(tmp_path / "out", fsync=False, digests=digests) as tmp:
+        w = ShardWriter(tmp, plan_shards(specs, max_shard_bytes=100), fsync=False, digests=digests)
+        for n, t in tensors.items():
+            bits = (t.view(torch.uint16) if t.dtype == torch.bfloat16 else t).numpy()
+            with w.tensor(n) as slot:
+                for r in regions[n]:
+                    slot.write(r, bits[r])
+        w.finish()
+        w.abort()
+    out = tmp_path / "out"
+    shards = sorted(p.name for p in out.glob("*.safetensors"))
+    assert len(shards) == 3 and sorted(digests) == shards
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    for name in shards:
+        assert digests[name] == files[name]["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert read == [INDEX_NAME]  # the shards were not read a second time
