@@ -92,8 +92,9 @@ class TensorSlot:
 
     A region that is one contiguous byte range (whole trailing rows) is written with pwrite
     straight from `data`. Any other region (a transposed or column-split chunk) is copied into a
-    shared mmap of the tensor's bytes, made on the first such write and released on close():
-    then the tensor's pages are what is held, never more than one output tensor. The shard
+    shared mmap of the tensor's bytes (made on the first such write, released on close()), a
+    window of whole rows at a time whose pages are dropped from this process after the copy
+    (_write_mapped): what is held does not grow with the tensor. The shard
     file is preallocated, so a full disk fails at its creation instead of as SIGBUS here."""
 
     def __init__(self, fd: int, offset: int, spec: TensorSpec):
@@ -116,16 +117,38 @@ class TensorSlot:
             start = sum(r.start * math.prod(self.shape[d + 1:]) for d, r in enumerate(region))
             _pwrite_all(self.fd, data, self.offset + start * data.itemsize)
         else:
-            self._mapped(data.dtype)[region] = data
+            self._write_mapped(region, data)
         self.written += data.nbytes
+
+    def _write_mapped(self, region: tuple[slice, ...], data: np.ndarray) -> None:
+        """A region that is not one byte range, through the mmap, a window of whole output rows
+        (about _WINDOW_BYTES) at a time: the window's pages are mapped in one call before the copy
+        (faulting them one by one costs ~3x the copy) and unmapped after it. The written pages
+        stay in the page cache, dirty, on their way to the file; this process keeps none of them,
+        so its memory does not grow with the tensor's size."""
+        view = self._mapped(data.dtype)
+        row_bytes = math.prod(self.shape[1:]) * data.itemsize
+        step = max(1, _WINDOW_BYTES // row_bytes)
+        rows = region[0]
+        for r in range(rows.start, rows.stop, step):
+            hi = min(r + step, rows.stop)
+            lo_b, hi_b = self._page_range(r * row_bytes, hi * row_bytes)
+            _madvise(self._map, lo_b, hi_b - lo_b, _MADV_POPULATE_WRITE)
+            view[(slice(r, hi), *region[1:])] = data[r - rows.start:hi - rows.start]
+            _madvise(self._map, lo_b, hi_b - lo_b, mmap.MADV_DONTNEED)
+
+    def _page_range(self, lo: int, hi: int) -> tuple[int, int]:
+        """Byte range [lo, hi) of the tensor as page-aligned offsets into the mapping."""
+        base = self.offset % mmap.ALLOCATIONGRANULARITY  # where the tensor starts in the mapping
+        page = mmap.PAGESIZE
+        return (base + lo) // page * page, min(len(self._map), -(-(base + hi) // page) * page)
 
     def _mapped(self, dtype: np.dtype) -> np.ndarray:
         if self._view is None:
             start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
-            # MAP_POPULATE: one call maps every page; faulting them in one by one as the
-            # strided writes touch them costs 3x the copy itself
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-            self._map = mmap.mmap(self.fd, self.offset + self.spec.nbytes - start, flags=flags, offset=start)
+            # mapped, not populated: _write_mapped maps in one window of pages at a time
+            self._map = mmap.mmap(self.fd, self.offset + self.spec.nbytes - start, flags=mmap.MAP_SHARED,
+                                  offset=start)
             self._view = np.frombuffer(self._map, np.uint8, self.spec.nbytes, self.offset - start)
         return self._view.view(dtype).reshape(self.shape)
 
@@ -134,6 +157,19 @@ class TensorSlot:
         if self._map is not None:
             self._map.close()
             self._map = None
+
+
+_WINDOW_BYTES = 64 << 20  # whole output rows mapped at a time by TensorSlot's strided writes
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14; Python's mmap module does not name it
+
+
+def _madvise(m: mmap.mmap, start: int, length: int, advice: int) -> None:
+    """m.madvise, where the kernel knows the advice; else nothing (pages are then faulted in
+    one by one, or simply kept: slower or larger, never different bytes)."""
+    try:
+        m.madvise(advice, start, length)
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def _is_contiguous(extents: tuple[int, ...], shape: tuple[int, ...]) -> bool:
