@@ -27,12 +27,17 @@ def _item(t: torch.Tensor) -> float:
     return (t.full_tensor() if isinstance(t, DTensor) else t).item()
 
 
-def _like(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """`new` laid out as the state `old` (a column statistic reduced over FSDP's sharded rows is
-    partial until it is summed)."""
-    if isinstance(new, DTensor) and new.placements != old.placements:
-        return new.redistribute(old.device_mesh, old.placements)
-    return new
+def factored_zeros(p: torch.Tensor, shape: tuple, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A zero factored statistic of `shape` for the DTensor parameter p, laid out as the
+    statistic comes out of _row_col_means: sharded like p, except along a dim it averages over
+    (size 1 where p's is not), which is replicated. Used by the optimizer's first step and by the
+    checkpoint loader, so a resumed state has the layout a fresh one has."""
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor import zeros as dtensor_zeros
+
+    placements = [Replicate() if isinstance(pl, Shard) and shape[pl.dim] != p.shape[pl.dim] else pl
+                  for pl in p.placements]
+    return dtensor_zeros(shape, dtype=dtype or p.dtype, device_mesh=p.device_mesh, placements=placements)
 
 
 def _row_col_means(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,6 +63,17 @@ class Adafactor(torch.optim.Adafactor):
             if group["per_expert"] and any(p.dim() < 2 for p in group["params"]):
                 raise ValueError("Adafactor: a per_expert group holds stacked [E, ...] expert weights only")
 
+    def _init_group(self, group, params, grads, *state_lists):
+        """torch's, then a DTensor parameter's fresh factored statistics laid out by
+        factored_zeros (torch's `new_zeros` of a DTensor gradient replicates them)."""
+        has_complex = super()._init_group(group, params, grads, *state_lists)
+        for p in params:
+            state = self.state[p]
+            if isinstance(p, DTensor) and state["step"] == 0 and "row_var" in state:
+                for key in ("row_var", "col_var"):
+                    state[key] = factored_zeros(p, tuple(state[key].shape), state[key].dtype)
+        return has_complex
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
@@ -65,11 +81,10 @@ class Adafactor(torch.optim.Adafactor):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            params, grads, row_vars, col_vars, variances, steps = [], [], [], [], [], []
-            self._init_group(group, params, grads, row_vars, col_vars, variances, steps)
-            for i, p in enumerate(params):
-                state = self.state[p]
-                self._update(p, grads[i], state, group)
+            params, grads = [], []
+            self._init_group(group, params, grads, [], [], [], [])
+            for p, grad in zip(params, grads):
+                self._update(p, grad, self.state[p], group)
         return loss
 
     def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict, group: dict) -> None:
@@ -94,11 +109,8 @@ class Adafactor(torch.optim.Adafactor):
             p.mul_(1 - lr * wd)
         if grad.dim() > 1:
             row_mean, col_mean = _row_col_means(grad)
-            for key, new in (("row_var", row_mean), ("col_var", col_mean)):
-                old = state[key]
-                if isinstance(new, DTensor) and step == 1:  # zeros, laid out as the statistic is (torch's
-                    old = torch.zeros_like(new)  # new_zeros of a DTensor gradient replicates them)
-                state[key] = old.lerp(_like(new, old), mix) if isinstance(old, DTensor) else old.lerp_(new, mix)
+            state["row_var"].lerp_(row_mean, mix)  # same layout (factored_zeros): in place on DTensors too
+            state["col_var"].lerp_(col_mean, mix)
             row_var, col_var = state["row_var"], state["col_var"]
             var_estimate = (row_var @ col_var).div(row_var.mean(dim=-2, keepdim=True).clamp(min=eps1))
         else:

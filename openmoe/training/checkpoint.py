@@ -51,6 +51,7 @@ from ..parallel.grads import is_expert, is_expert_state, is_sharded
 from ..parallel.mesh import ParallelState
 from ..utils.atomic import fresh_folder, publish_folder
 from ..utils.manifest import ManifestError, has_manifest, verify_manifest
+from .adafactor import factored_zeros
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
 
@@ -194,18 +195,6 @@ def latest(root: str | Path, ps: ParallelState | None = None) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
-def _factored_state(p, shape: tuple, dtype):
-    """Zeros laid out as training/adafactor.py makes a factored statistic of the FSDP2 parameter
-    p: sharded like p, except along a dim the statistic averages over (size 1), which is
-    replicated."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor import zeros as dtensor_zeros
-
-    placements = [Replicate() if isinstance(pl, Shard) and shape[pl.dim] != p.shape[pl.dim] else pl
-                  for pl in p.placements]
-    return dtensor_zeros(shape, dtype=dtype, device_mesh=p.device_mesh, placements=placements)
-
-
 def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple[dict, dict]:
     """Optimizer state is created lazily by torch; build empty tensors of the right local shape
     for every entry the checkpoint has, so DCP can fill them. Returns (what DCP loads into,
@@ -232,7 +221,7 @@ def _empty_optim_state(model, optimizer, path: Path, ps: ParallelState) -> tuple
         per_expert = (is_expert(p) and len(shape) == p.dim() > 0 and shape[0] == _global_shape(p, ps)[0]
                       and is_expert_state(p, torch.empty(local_shape, device="meta")))
         if is_sharded(p) and len(shape) == p.dim():  # Adafactor's factored statistics of an FSDP2 parameter
-            keep[key] = _factored_state(p, local_shape if per_expert else shape, dtype)
+            keep[key] = factored_zeros(p, local_shape if per_expert else shape, dtype)
             out[key] = _global(keep[key], per_expert, ps)
             continue
         local = torch.empty(local_shape if per_expert else shape, dtype=dtype, device=p.device)
