@@ -3,8 +3,8 @@
 safetensors puts a JSON header (every tensor's dtype, shape and byte range) before the data.
 All shapes are known before any data is read, so shards are planned up front: each shard file
 is created at its full size with its header, and every tensor is then written into its byte
-range, appended in blocks or region by region as its chunks arrive (TensorSlot). No shard is
-ever held in memory, and no tensor is, unless its regions are not whole rows.
+range, appended in blocks or region by region as its chunks arrive (TensorSlot). No shard or
+tensor is ever held in memory: regions that are not whole rows go through a window of rows.
 
 `output_folder` yields a temporary sibling of the output folder and renames it to the final
 name only when everything in it is written and synced, so a failure or an interrupt leaves no
@@ -139,17 +139,16 @@ class TensorSlot:
 
     def _page_range(self, lo: int, hi: int) -> tuple[int, int]:
         """Byte range [lo, hi) of the tensor as page-aligned offsets into the mapping."""
-        base = self.offset % mmap.ALLOCATIONGRANULARITY  # where the tensor starts in the mapping
-        page = mmap.PAGESIZE
+        base, page = self._base, mmap.PAGESIZE
         return (base + lo) // page * page, min(len(self._map), -(-(base + hi) // page) * page)
 
     def _mapped(self, dtype: np.dtype) -> np.ndarray:
         if self._view is None:
-            start = self.offset - self.offset % mmap.ALLOCATIONGRANULARITY
+            self._base = self.offset % mmap.ALLOCATIONGRANULARITY  # where the tensor starts in the mapping
+            start = self.offset - self._base
             # mapped, not populated: _write_mapped maps in one window of pages at a time
-            self._map = mmap.mmap(self.fd, self.offset + self.spec.nbytes - start, flags=mmap.MAP_SHARED,
-                                  offset=start)
-            self._view = np.frombuffer(self._map, np.uint8, self.spec.nbytes, self.offset - start)
+            self._map = mmap.mmap(self.fd, self._base + self.spec.nbytes, flags=mmap.MAP_SHARED, offset=start)
+            self._view = np.frombuffer(self._map, np.uint8, self.spec.nbytes, self._base)
         return self._view.view(dtype).reshape(self.shape)
 
     def close(self) -> None:
