@@ -125,10 +125,8 @@ class TokenizingStream:
     def close(self) -> None:
         if self._pool is not None:
             pool, self._pool = self._pool, None
-            for _, fut in self._pending:
-                fut.cancel()
             self._pending.clear()
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=False, cancel_futures=True)  # what was submitted ahead is not run
 
     def __del__(self):
         try:
