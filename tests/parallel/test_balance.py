@@ -75,12 +75,12 @@ def _train_worker(rank, port, out, balance, optimizer):
     join_gloo(rank, port, 2)
     ps = build_state(2)
     cfg, model = seeded_ep_model(ps, capacity_policy="t5x", capacity_factor_train=0.75, num_experts=4)
-    if optimizer == "Adafactor":  # ours: expert stacks scaled per expert (openmoe/training/adafactor.py)
-        from openmoe.training.adafactor import Adafactor
+    if optimizer == "Adafactor":  # the trainer's: expert stacks scaled per expert (training/adafactor.py)
+        from types import SimpleNamespace
 
-        experts = [p for n, p in model.named_parameters() if ".mlp.experts." in n]
-        rest = [p for n, p in model.named_parameters() if ".mlp.experts." not in n]
-        opt = Adafactor([{"params": rest}, {"params": experts, "per_expert": True}], lr=1e-2)
+        from openmoe.training.optim import build_optimizer
+
+        opt = build_optimizer(model, SimpleNamespace(optimizer="adafactor", lr=1e-2, weight_decay=0.0))
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     bal = ExpertBalancer(model, opt, ps, every=2)
